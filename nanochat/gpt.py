@@ -1,0 +1,363 @@
+"""The GPT: configuration, layers, forward pass with a memory-lean loss, parameter and FLOP counts.
+
+Architecture (facts in shared NOTES.md, "Model"):
+- token embedding -> parameter-free RMSNorm -> n_layer blocks -> RMSNorm -> untied lm_head
+- each block: x = lambda_resid[i] * x + lambda_x0[i] * x0, then pre-norm attention and a
+  ReLU^2 MLP (4x hidden), no biases anywhere
+- attention: rotary (base 100 000), parameter-free QK-norm, grouped-query heads, a
+  sliding-window pattern ("SSSL": short = a quarter of the context rounded up to 128,
+  the last layer always long), and value embeddings on alternating layers (the last one
+  included) mixed into v through an input-dependent gate
+- logits soft-capped at 15 * tanh(z / 15); vocab padded to a multiple of 64
+
+Precision: master weights are fp32; `Linear` casts its weight to the activation dtype and
+activations run in `COMPUTE_DTYPE` (no autocast). The training loss never materialises the
+(B*T x vocab) logits: `fused_head_cross_entropy` walks the rows in chunks and computes the
+gradients of each chunk during the forward pass.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.attention import attention
+from nanochat.common import COMPUTE_DTYPE
+
+ROTARY_BASE = 100_000
+VOCAB_MULTIPLE = 64
+VE_GATE_CHANNELS = 32       # the value-embedding gate reads this many leading channels of x
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk: 1024 rows at vocab 32768 = 128 MiB in fp32
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+    short_window: int = 0  # 0: a quarter of sequence_len rounded up to a multiple of 128
+    softcap: float = 15.0
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128, **overrides):
+        """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim."""
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+        n_head = n_embd // head_dim
+        fields = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+        return cls(**{**fields, **overrides})
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd={self.n_embd} must divide into n_head={self.n_head} heads, "
+                             f"and n_head into n_kv_head={self.n_kv_head} groups")
+        if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
+            raise ValueError(f"window_pattern {self.window_pattern!r} must be a non-empty string of S and L")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self):
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def window_sizes(self):
+        """Keys visible to each query, per layer: the pattern tiled over depth, last layer long."""
+        T = self.sequence_len
+        short = self.short_window or min(T, math.ceil(T / 4 / 128) * 128)
+        pattern = self.window_pattern.upper()
+        sizes = [T if pattern[i % len(pattern)] == "L" else short for i in range(self.n_layer)]
+        sizes[-1] = T
+        return sizes
+
+    def has_value_embed(self, layer_idx):
+        return (self.n_layer - 1 - layer_idx) % 2 == 0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Linear(nn.Linear):
+    """Bias-free Linear with an fp32 master weight cast to the input's dtype at use (no autocast)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def rotary_tables(seq_len, head_dim, device, base=ROTARY_BASE):
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, has_value_embed):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed else None
+
+    def forward(self, x, value_embed, cos, sin, window):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if value_embed is not None:
+            # gate in (0, 2), exactly 1 at init (zero weights): the token's value embedding is
+            # added to v with a per-head, input-dependent weight
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
+        q = apply_rotary(rms_norm(q), cos, sin)
+        k = apply_rotary(rms_norm(k), cos, sin)
+        y = attention(q, k, v, window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, has_value_embed):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, has_value_embed)
+        self.mlp = MLP(config)
+
+    def forward(self, x, value_embed, cos, sin, window):
+        x = x + self.attn(rms_norm(x), value_embed, cos, sin, window)
+        return x + self.mlp(rms_norm(x))
+
+
+# -----------------------------------------------------------------------------
+# the loss: soft-capped cross-entropy through the lm_head without full logits
+
+def softcapped_logits(x, weight, vocab_size, softcap):
+    """fp32 logits of x (N, d) against weight (Vp, d), padded vocab cut off, soft-capped."""
+    logits = F.linear(x, weight.to(x.dtype))[:, :vocab_size].float()
+    return softcap * torch.tanh(logits / softcap)
+
+
+def _chunk_rows(vocab_size):
+    return max(128, LOSS_CHUNK_ELEMENTS // vocab_size)
+
+
+def chunked_token_losses(x, weight, targets, vocab_size, softcap):
+    """Per-row cross-entropy (N,), 0 where target < 0; no autograd, one chunk of logits at a time."""
+    losses = []
+    with torch.no_grad():
+        for s in range(0, x.size(0), _chunk_rows(vocab_size)):
+            z = softcapped_logits(x[s:s + _chunk_rows(vocab_size)], weight, vocab_size, softcap)
+            t = targets[s:s + z.size(0)]
+            z_t = z.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            losses.append(torch.where(t >= 0, torch.logsumexp(z, -1) - z_t, 0.0))
+    return torch.cat(losses)
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    """scale * sum of soft-capped cross-entropy over rows, gradients computed chunk by chunk in forward.
+
+    Only the gradients (same size as x and the weight) are kept for backward, never the logits.
+    The arithmetic mirrors autograd through `softcapped_logits` + cross_entropy: the logit
+    gradient is formed in fp32, cast to the activation dtype, then multiplied.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, scale, vocab_size, softcap):
+        w = weight.to(x.dtype)
+        rows = _chunk_rows(vocab_size)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x_chunks, grad_w = [], torch.zeros_like(weight, dtype=torch.float32)
+        for s in range(0, x.size(0), rows):
+            xs, t = x[s:s + rows], targets[s:s + rows]
+            z = softcapped_logits(xs, w, vocab_size, softcap)
+            lse = torch.logsumexp(z, -1)
+            valid = t >= 0
+            safe_t = t.clamp(min=0)[:, None]
+            total = total + torch.where(valid, lse - z.gather(1, safe_t).squeeze(1), 0.0).sum()
+            dz = torch.exp(z - lse[:, None]).scatter_add(1, safe_t, -torch.ones_like(z[:, :1]))
+            dlogits = dz * (valid[:, None] * scale) * (1 - (z / softcap) ** 2)
+            dlogits = dlogits.to(x.dtype)
+            grad_x_chunks.append(dlogits @ w[:vocab_size])
+            grad_w[:vocab_size] += (dlogits.t() @ xs).float()
+        ctx.save_for_backward(torch.cat(grad_x_chunks), grad_w)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out, grad_w * grad_out, None, None, None, None
+
+
+def fused_head_cross_entropy(x, weight, targets, vocab_size, softcap, reduction="mean"):
+    """Cross-entropy of the soft-capped lm_head logits of x (N, d); targets < 0 are ignored.
+
+    reduction: 'mean' over valid targets, 'sum', or 'none' (per-row, evaluation only).
+    """
+    if reduction == "none":
+        return chunked_token_losses(x, weight, targets, vocab_size, softcap)
+    if reduction == "mean":
+        scale = 1.0 / (targets >= 0).sum().clamp(min=1).float()
+    elif reduction == "sum":
+        scale = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _FusedHeadCrossEntropy.apply(x, weight, targets, scale, vocab_size, softcap)
+    return chunked_token_losses(x, weight, targets, vocab_size, softcap).sum() * scale
+
+
+def plain_cross_entropy(x, weight, targets, vocab_size, softcap, reduction="mean"):
+    """Reference loss through full logits (what fused_head_cross_entropy must equal)."""
+    z = softcapped_logits(x, weight, vocab_size, softcap)
+    return F.cross_entropy(z, targets, ignore_index=-1, reduction=reduction)
+
+
+# -----------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, config, compute_dtype=None):
+        super().__init__()
+        self.config = config
+        self.compute_dtype = compute_dtype or COMPUTE_DTYPE
+        self.window_sizes = config.window_sizes()
+        V, C = config.padded_vocab_size, config.n_embd
+        kv_dim = config.n_kv_head * config.head_dim
+        self.wte = nn.Embedding(V, C)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+                                           for i in range(config.n_layer) if config.has_value_embed(i)})
+        self.blocks = nn.ModuleList([Block(config, config.has_value_embed(i)) for i in range(config.n_layer)])
+        self.lm_head = Linear(C, V)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        cos, sin = rotary_tables(config.sequence_len, config.head_dim, device=self.wte.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialises every parameter and buffer in place (run after to_empty() from the meta device)."""
+        bound = (3 / self.config.n_embd) ** 0.5  # uniform with std 1/sqrt(fan_in)
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -bound, bound)
+            # zero output projections: every block starts as the identity on the residual stream
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -bound, bound)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.head_dim, self.wte.weight.device)
+
+    def hidden_states(self, idx):
+        """Final normalised hidden states (B, T, C) in the compute dtype."""
+        T = idx.size(1)
+        if T > self.config.sequence_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's sequence_len {self.config.sequence_len}")
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        dtype = self.compute_dtype
+        x = rms_norm(self.wte(idx).to(dtype))
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i])
+        return rms_norm(x)
+
+    def forward(self, idx, targets=None, loss_reduction="mean"):
+        """Logits (B, T, vocab) in fp32 without targets; with targets (-1 = ignore) the loss.
+
+        loss_reduction 'none' returns per-token losses (B, T) for evaluation.
+        """
+        x = self.hidden_states(idx)
+        cfg = self.config
+        if targets is None:
+            B, T, C = x.shape
+            return softcapped_logits(x.view(B * T, C), self.lm_head.weight, cfg.vocab_size, cfg.softcap).view(B, T, -1)
+        loss = fused_head_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                        cfg.vocab_size, cfg.softcap, loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    # -- accounting ---------------------------------------------------------------
+
+    def num_params_by_kind(self):
+        """Parameter counts: wte, value_embeds, matrices (inside blocks), lm_head, scalars."""
+        return {
+            "wte": self.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "matrices": sum(p.numel() for p in self.blocks.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+
+    def num_scaling_params(self):
+        """Kaplan-style count (block matrices + lm_head, no embeddings) used for the tokens:params ratio."""
+        counts = self.num_params_by_kind()
+        return counts["matrices"] + counts["lm_head"]
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 * matmul weights + attention's 12 * heads * head_dim * window per layer."""
+        cfg = self.config
+        attn_flops = sum(12 * cfg.n_head * cfg.head_dim * min(w, cfg.sequence_len) for w in self.window_sizes)
+        return 6 * self.num_scaling_params() + attn_flops
+
+    # -- sampling -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, temperature=0.0, top_k=None, seed=42):
+        """Yields new token ids after the prompt `tokens` (a list). temperature 0 is greedy.
+
+        Re-runs the whole (cropped) context per token: simple and fine for samples and CORE.
+        """
+        device = self.wte.weight.device
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.config.sequence_len:])[:, -1, :]
+            if temperature > 0:
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=rng)
+            else:
+                next_id = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
