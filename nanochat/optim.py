@@ -6,14 +6,16 @@ It does not own schedules: the training loop calls `update_hparams()` every step
 Muon (facts in shared NOTES.md, "Optimisation"), per group of same-shape matrices stacked into
 one (k, rows, cols) tensor so one batched matmul chain serves them all:
   Nesterov momentum -> 5 Polar Express iterations (~ the nearest semi-orthogonal U V^T)
-  -> optional NorMuon row/column normalisation -> scaled by max(1, rows/cols)^0.5
+  -> optional NorMuon row/column normalisation (off by default: no measurable gain at d4, dev/LOG.md)
+  -> scaled by max(1, rows/cols)^0.5
   -> p -= lr * (update + wd * p * [sign(update) == sign(p)])   (cautious weight decay)
 AdamW: bias-corrected Adam, math in fp32 whatever the parameter dtype, the same cautious decay.
 
 Orthogonalisation dtype: bf16 (NOTES), except fp32 when COMPUTE_DTYPE is fp32. fp32 is the
 debugging mode (NANOCHAT_DTYPE=float32, "the whole run in fp32"), so it must not hide a bf16
-rounding step; and bf16 rounding turns reduction-order noise (1e-7) into ~1e-3 update
-differences, which would make single-vs-distributed equality untestable.
+rounding step; and bf16 is chaotic at the ulp level: a 1e-7 relative perturbation of a 256x256
+gradient moves bf16 Polar Express outputs by up to 20% of their RMS (fp32: 1e-5), so runs that
+differ only in summation order (1 vs 8 ranks) could never be compared in bf16.
 
 Every hyperparameter a schedule touches (lr, weight_decay, momentum, betas, eps) lives in its
 param group as a 0-D fp32 tensor on the parameters' device, filled in place; the compiled
@@ -170,7 +172,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if kind not in ("muon", "adamw"):
             raise ValueError(f"param group 'kind' must be 'muon' or 'adamw', got {kind!r}")
         device = params[0].device
-        as_tensor = lambda x: torch.tensor(float(x), dtype=torch.float32, device=device)  # noqa: E731
+
+        def as_tensor(x):
+            return torch.tensor(float(x), dtype=torch.float32, device=device)
         lr, weight_decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
         group.update(params=params, lr=as_tensor(lr), initial_lr=lr, weight_decay=as_tensor(weight_decay),
                      initial_weight_decay=weight_decay, cautious=bool(group.get("cautious", True)))

@@ -21,6 +21,7 @@ import torch
 
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import default_orth_dtype
 
 
 def build_model(depth, vocab_size, sequence_len, seed=0):
@@ -43,8 +44,9 @@ def time_steps(optimizer, steps):
 
 
 def bench_step(args):
-    print(f"optimizer.step() alone, CPU, {torch.get_num_threads()} threads, COMPUTE_DTYPE {COMPUTE_DTYPE}, "
-          f"vocab {args.vocab_size}; steps/s = median over {args.rounds} alternating rounds")
+    print(f"optimizer.step() alone, CPU, {torch.get_num_threads()} threads, orthogonalisation in "
+          f"{default_orth_dtype()} (COMPUTE_DTYPE {COMPUTE_DTYPE}), vocab {args.vocab_size}; "
+          f"steps/s = median over {args.rounds} alternating rounds")
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
         model = build_model(depth, args.vocab_size, sequence_len=256)
@@ -151,6 +153,10 @@ def bench_normuon(args):
     for normuon, rows in results.items():
         print(f"mean {'normuon' if normuon else 'muon':<8} train {statistics.mean(r[0] for r in rows):.4f} "
               f"val {statistics.mean(r[1] for r in rows):.4f}")
+    # same init, data and schedule per seed: the paired difference is the measurement
+    val_diffs = [n[1] - m[1] for m, n in zip(results[False], results[True])]
+    print("val loss, normuon - muon, per seed: " + ", ".join(f"{d:+.4f}" for d in val_diffs) +
+          f" (mean {statistics.mean(val_diffs):+.4f})")
 
 
 def main(argv=None):

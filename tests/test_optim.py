@@ -87,30 +87,51 @@ def with_spectrum(rows, cols, singular_values, generator):
 BANDS = {torch.float32: (0.84, 1.15), torch.bfloat16: (0.83, 1.16)}
 
 
-@pytest.mark.parametrize("orth_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64)])
-def test_one_muon_update_is_semi_orthogonal(shape, orth_dtype):
-    g = torch.Generator().manual_seed(0)
-    rows, cols = shape
-    k = min(shape)
-    grads = [torch.randn(rows, cols, generator=g),  # well conditioned unless square
-             with_spectrum(rows, cols, torch.logspace(0, -2, k), g)]  # condition number 100
-    if rows == cols:
-        grads = grads[1:]
+def one_muon_update(grads, orth_dtype, normuon):
+    """-(p after one step from p = 0) / lr_scale, with lr 1, momentum 0, no decay: the raw update."""
+    rows, cols = grads[0].shape
     params = [torch.zeros(rows, cols, requires_grad=True) for _ in grads]
-    opt = MuonAdamW([muon_group(params, lr=1.0, momentum=0.0, weight_decay=0.0)], compiled=False,
-                    orth_dtype=orth_dtype)
+    opt = MuonAdamW([muon_group(params, lr=1.0, momentum=0.0, weight_decay=0.0, normuon=normuon)],
+                    compiled=False, orth_dtype=orth_dtype)
     for p, grad in zip(params, grads):
         p.grad = grad
     opt.step()
-    lo, hi = BANDS[orth_dtype]
     lr_scale = max(1.0, rows / cols) ** 0.5  # shape-aware LR
-    for p in params:
-        update = -p.detach() / lr_scale
+    return [-p.detach() / lr_scale for p in params]
+
+
+def gradient_like(shape, generator):
+    rows, cols = shape
+    k = min(shape)
+    grads = [torch.randn(rows, cols, generator=generator),  # well conditioned unless square
+             with_spectrum(rows, cols, torch.logspace(0, -2, k), generator)]  # condition number 100
+    return grads[1:] if rows == cols else grads
+
+
+@pytest.mark.parametrize("orth_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64)])
+def test_one_muon_update_is_semi_orthogonal(shape, orth_dtype):
+    grads = gradient_like(shape, torch.Generator().manual_seed(0))
+    lo, hi = BANDS[orth_dtype]
+    for update, grad in zip(one_muon_update(grads, orth_dtype, normuon=False), grads):
         s = torch.linalg.svdvals(update)
-        assert len(s) == k and lo <= s.min() and s.max() <= hi, (shape, s.min().item(), s.max().item())
-    # ~U V^T of the gradient U S V^T: a descent direction, p moved against the gradient
-    assert all((p.detach() * grad).sum() < 0 for p, grad in zip(params, grads))
+        assert len(s) == min(shape) and lo <= s.min() and s.max() <= hi, (shape, s.min().item(), s.max().item())
+        assert (update * grad).sum() > 0  # ~U V^T of the gradient U S V^T: a descent direction
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64)])
+def test_normuon_update_is_balanced_orthogonal_update(shape):
+    """With NorMuon (normuon=True) the update is the orthogonal one with its rows (tall) or columns
+    (wide) rescaled to equal RMS and the Frobenius norm kept: sqrt(min(rows, cols)) within the band."""
+    grads = gradient_like(shape, torch.Generator().manual_seed(0))
+    lo, hi = BANDS[torch.float32]
+    plain = one_muon_update(grads, torch.float32, normuon=False)
+    for update, orthogonal in zip(one_muon_update(grads, torch.float32, normuon=True), plain):
+        assert lo <= update.norm() / min(shape) ** 0.5 <= hi
+        torch.testing.assert_close(update.norm(), orthogonal.norm())
+        vector_rms = update.square().mean(dim=-1 if shape[0] >= shape[1] else 0).sqrt()
+        torch.testing.assert_close(vector_rms, vector_rms.mean().expand_as(vector_rms), rtol=1e-4, atol=0)
+        assert (update * orthogonal).sum() > 0.9 * update.norm() * orthogonal.norm()  # a small correction
 
 
 def test_normuon_equalises_rows_and_keeps_norm():
