@@ -8,7 +8,7 @@
                 train and validation losses (the evidence behind the `normuon` default).
 
 python -m scripts.bench_optim --mode step --depths 4,12
-python -m scripts.bench_optim --mode normuon --depth 4 --steps 300 --seeds 0,1
+python -m scripts.bench_optim --mode normuon --depth 4 --steps 300 --seeds 0,1,2,3,4,5,6,7
 """
 
 import argparse
@@ -53,7 +53,8 @@ def bench_step(args):
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-2
         optimizers = {"eager": model.setup_optimizer(compiled=False), "compiled": model.setup_optimizer(compiled=True)}
-        steps = max(1, args.step_budget_s // max(1, depth * depth))  # d12 steps are ~100x costlier than d2's
+        # a step's cost grows steeply with depth (d12 ~70x d4 here): fewer timed steps for big models
+        steps = max(1, args.steps_at_d1 // (depth * depth))
         t0 = time.perf_counter()
         for opt in optimizers.values():  # warm-up: compiles every shape (cold: ~10-30 s each)
             opt.step()
@@ -138,11 +139,13 @@ def train_once(args, normuon, seed, train_tokens, val_tokens):
 
 
 def bench_normuon(args):
+    if args.weight_decay < 0:  # NOTES: wd proportional to 1/width^2, 0.22 at d12 (width 768)
+        args.weight_decay = 0.22 * (768 / GPTConfig.from_depth(args.depth).n_embd) ** 2
     shards = sorted(find_corpus().glob("*.parquet"))
     train_tokens = corpus_bytes(shards[0], args.train_bytes)
     val_tokens = corpus_bytes(shards[-1], args.train_bytes // 10)
     print(f"d{args.depth}, bytes as tokens (vocab 256), B={args.batch_size} T={args.seq_len}, {args.steps} steps, "
-          f"weight decay {args.weight_decay}, COMPUTE_DTYPE {COMPUTE_DTYPE}")
+          f"weight decay {args.weight_decay:.3g}, COMPUTE_DTYPE {COMPUTE_DTYPE}")
     print(f"{'seed':>4} {'variant':<8} {'train loss (last 20)':>21} {'val loss':>9} {'train s':>8}")
     results = {False: [], True: []}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -165,18 +168,23 @@ def main(argv=None):
     p.add_argument("--depths", default="4,12", help="step mode: comma-separated model depths")
     p.add_argument("--vocab-size", type=int, default=32768, help="step mode: vocab size (sets embedding sizes)")
     p.add_argument("--rounds", type=int, default=3, help="step mode: alternating timing rounds per variant")
-    p.add_argument("--step-budget-s", type=int, default=200, help="step mode: steps per round = this // depth^2")
+    p.add_argument("--steps-at-d1", type=int, default=200,
+                   help="step mode: timed steps per round at depth 1; depth d does this // d^2 (at least 1)")
     p.add_argument("--depth", type=int, default=4, help="normuon mode: model depth")
     p.add_argument("--steps", type=int, default=300, help="normuon mode: training steps per run")
     p.add_argument("--warmup-steps", type=int, default=20, help="normuon mode: LR warmup steps")
     p.add_argument("--batch-size", type=int, default=16, help="normuon mode: sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="normuon mode: bytes per sequence")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="normuon mode: Muon weight decay")
+    p.add_argument("--weight-decay", type=float, default=-1.0,
+                   help="normuon mode: Muon weight decay (-1: the scaling law's 0.22 * (768 / width)^2)")
     p.add_argument("--seeds", default="0,1", help="normuon mode: comma-separated seeds (init and data order)")
     p.add_argument("--train-bytes", type=int, default=4_000_000, help="normuon mode: corpus bytes to sample from")
     p.add_argument("--val-batches", type=int, default=16, help="normuon mode: validation batches")
     args = p.parse_args(argv)
-    bench_step(args) if args.mode == "step" else bench_normuon(args)
+    if args.mode == "step":
+        bench_step(args)
+    else:
+        bench_normuon(args)
 
 
 if __name__ == "__main__":

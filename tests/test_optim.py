@@ -121,7 +121,7 @@ def test_one_muon_update_is_semi_orthogonal(shape, orth_dtype):
 
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 64)])
 def test_normuon_update_is_balanced_orthogonal_update(shape):
-    """With NorMuon (normuon=True) the update is the orthogonal one with its rows (tall) or columns
+    """With NorMuon (the default) the update is the orthogonal one with its rows (tall) or columns
     (wide) rescaled to equal RMS and the Frobenius norm kept: sqrt(min(rows, cols)) within the band."""
     grads = gradient_like(shape, torch.Generator().manual_seed(0))
     lo, hi = BANDS[torch.float32]
