@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from nanochat.report import RunLog
 from scripts.compare_runs import compare_axis, eval_noise, load_run, main, mfu_health, format_mfu_health, overall_verdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,24 +23,24 @@ def bpb_curve(step):
 
 def write_run(run_dir, *, offset=0.0, dt_s=1.0, flops_per_step=FLOPS_PER_STEP, noise_sd=0.001, seed=0, steps=1000,
               eval_every=50, device=None, signature=None, mfu=0.5, data_s=0.0, optim_s=0.0):
-    """A run directory as base_train writes it: bpb = bpb_curve(step) + offset + Gaussian eval noise."""
+    """A run directory written by the real RunLog, records shaped as base_train logs them.
+
+    bpb = bpb_curve(step) + offset + Gaussian eval noise; every step takes dt_s and flops_per_step.
+    """
     rng = np.random.default_rng(seed)
-    os.makedirs(run_dir)
-    info = {"run": "d4", "created": 0.0, "args": {"device_batch_size": 8, "max_seq_len": 256},
-            "hyperparameters": {"compute_dtype": "float32"}, "data_signature": signature or SIGNATURE,
+    info = {"args": {"device_batch_size": 8, "max_seq_len": 256}, "hyperparameters": {"compute_dtype": "float32"},
+            "data_signature": signature or SIGNATURE,
             "device": device or {"type": "cpu", "name": "cpu", "world_size": 1, "peak_flops": 1.8e11, "attention": "sdpa"}}
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
-        for step in range(steps + 1):
-            progress = {"step": step, "total_training_flops": flops_per_step * step, "total_training_time": dt_s * step}
-            if step > 0:
-                f.write(json.dumps({**progress, "train/loss": float(bpb_curve(step)) * 2, "train/loss_smooth": float(bpb_curve(step)) * 2,
-                                    "train/dt": dt_s, "train/dt_data": data_s, "train/dt_optim": optim_s,
-                                    "train/tok_per_sec": 2048 / dt_s, "train/mfu": mfu, "train/skipped": False}) + "\n")
-            if step % eval_every == 0:
-                bpb = bpb_curve(step) + offset + rng.normal(0.0, noise_sd)
-                f.write(json.dumps({**progress, "val/bpb": float(bpb)}) + "\n")
+    log = RunLog(str(run_dir), "d4", info)
+    for step in range(steps + 1):
+        progress = {"step": step, "total_training_flops": flops_per_step * step, "total_training_time": dt_s * step}
+        if step > 0:
+            loss = 2 * float(bpb_curve(step))
+            log.log({**progress, "train/loss": loss, "train/loss_smooth": loss, "train/dt": dt_s, "train/dt_data": data_s,
+                     "train/dt_optim": optim_s, "train/tok_per_sec": 2048 / dt_s, "train/mfu": mfu, "train/skipped": False})
+        if step % eval_every == 0:
+            log.log({**progress, "val/bpb": float(bpb_curve(step) + offset + rng.normal(0.0, noise_sd))})
+    log.finish()
     return str(run_dir)
 
 
