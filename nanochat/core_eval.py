@@ -27,6 +27,7 @@ and the credit sums all-reduced, so the result does not depend on the world size
 """
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -67,30 +68,34 @@ ITEM_FIELDS = {
 
 def get_eval_bundle(path_or_url=None):
     """The bundle directory (the one holding core.yaml) for a local dir, a local zip, an http(s) URL,
-    or None for DEFAULT_BUNDLE_URL. Zips are extracted once into get_base_dir() and reused."""
+    or None for DEFAULT_BUNDLE_URL. Zips are extracted once into get_base_dir() and reused.
+
+    Under torch.distributed call it on every rank: local rank 0 of each node fetches and extracts,
+    the other ranks wait at a barrier and then read its copy (not 8 downloads per node).
+    """
     source = path_or_url or DEFAULT_BUNDLE_URL
     if os.path.isdir(source):
         return find_bundle_root(source)
     if source.startswith(("http://", "https://")):
         name = "eval_bundle" if source == DEFAULT_BUNDLE_URL else f"eval_bundle-{_digest(source.encode())}"
-        target = os.path.join(get_base_dir(), name)
-        if not os.path.isdir(target):
-            with tempfile.TemporaryDirectory(dir=get_base_dir(), prefix=".download-") as tmp:
-                zip_path = os.path.join(tmp, "eval_bundle.zip")
-                _download(source, zip_path)
-                _install_zip(zip_path, target)
-        return find_bundle_root(target)
+        return _install_once(os.path.join(get_base_dir(), name), functools.partial(_download_and_install, source))
     if os.path.isfile(source):
         if not zipfile.is_zipfile(source):
             raise ValueError(f"eval bundle {source!r} is a file but not a zip archive: pass the eval_bundle.zip "
                              "or the directory holding core.yaml")
         with open(source, "rb") as f:
             target = os.path.join(get_base_dir(), f"eval_bundle-{_digest(f.read())}")
-        if not os.path.isdir(target):
-            _install_zip(source, target)
-        return find_bundle_root(target)
+        return _install_once(target, functools.partial(_install_zip, source))
     raise FileNotFoundError(f"eval bundle {source!r} is neither a directory, a zip file nor an http(s) URL; "
                             f"for a small offline bundle pass {MINI_BUNDLE_DIR}")
+
+
+def _install_once(target, install):
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.isdir(target):
+        install(target)
+    if dist.is_initialized():
+        dist.barrier()
+    return find_bundle_root(target)
 
 
 def find_bundle_root(directory):
@@ -117,6 +122,15 @@ def _download(url, path):
         raise RuntimeError(f"could not download the CORE eval bundle from {url} ({e}). Offline? Pass "
                            f"--eval-bundle {MINI_BUNDLE_DIR} (a small sample bundle shipped with nanochat) or "
                            "--eval-bundle PATH to a local eval_bundle.zip or its unpacked directory") from None
+
+
+def _download_and_install(url, target):
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".download-") as tmp:
+        zip_path = os.path.join(tmp, "eval_bundle.zip")
+        _download(url, zip_path)
+        if not zipfile.is_zipfile(zip_path):
+            raise RuntimeError(f"{url} did not return a zip archive: check the URL, or pass --eval-bundle PATH")
+        _install_zip(zip_path, target)
 
 
 def _install_zip(zip_path, target):

@@ -1,7 +1,8 @@
 """CORE and bits per byte at any world size: evaluate_all() in-process is world size 1; under
 torchrun --nproc_per_node=2 (gloo) rank 0 writes the world-size-2 results as JSON to argv[2].
 
-usage: torchrun --standalone --nproc_per_node=2 tests/dist_eval_worker.py BUNDLE_DIR OUT_JSON  (repo root on PYTHONPATH)
+usage: torchrun --standalone --nproc_per_node=2 tests/dist_eval_worker.py BUNDLE OUT_JSON  (repo root on PYTHONPATH)
+BUNDLE is anything get_eval_bundle takes: a directory or a zip (extracted once per node under a barrier).
 """
 
 import json
@@ -11,7 +12,7 @@ import torch
 
 from eval_helpers import ByteTokenizer, OracleModel, gold_sequences, tiny_gpt
 from nanochat.common import cleanup_dist, init_dist
-from nanochat.core_eval import evaluate_core, evaluate_task, load_items, load_tasks
+from nanochat.core_eval import evaluate_core, evaluate_task, get_eval_bundle, load_items, load_tasks
 from nanochat.loss_eval import evaluate_bpb
 
 MAX_SEQ_LEN = 48  # short enough that the few-shot prompts get truncated
@@ -29,8 +30,9 @@ def bpb_batches(tokenizer, num_batches=6, B=2, T=32):
     return batches
 
 
-def evaluate_all(bundle_dir, info):
+def evaluate_all(bundle, info):
     """CORE of a tiny GPT (all items, and 7 per task), oracle accuracies and bpb, as a JSON-able dict."""
+    bundle_dir = get_eval_bundle(bundle)
     tokenizer = ByteTokenizer()
     model = tiny_gpt(sequence_len=MAX_SEQ_LEN, noise=0.1)
     quiet = lambda *args: None  # noqa: E731
@@ -51,9 +53,9 @@ def evaluate_all(bundle_dir, info):
     return results
 
 
-def main(bundle_dir, out_path):
+def main(bundle, out_path):
     info = init_dist("cpu")
-    results = evaluate_all(bundle_dir, info)
+    results = evaluate_all(bundle, info)
     if info.is_master:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -182,12 +182,15 @@ def test_real_gpt_end_to_end_on_the_mini_bundle():
 
 
 def test_world_size_1_and_2_agree(bundle, tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+    # world size 2 gets the bundle as a zip: both ranks call get_eval_bundle, one extracts, both read it
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": str(tmp_path / "base")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO_ROOT, "tests", "dist_eval_worker.py"), bundle, str(tmp_path / "ws2.json")]
+           os.path.join(REPO_ROOT, "tests", "dist_eval_worker.py"), zip_bundle(bundle, tmp_path / "eval_bundle.zip"),
+           str(tmp_path / "ws2.json")]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ws2 = json.loads((tmp_path / "ws2.json").read_text())
+    assert len([d for d in os.listdir(tmp_path / "base") if d.startswith("eval_bundle-")]) == 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun rank: the same kernels, so the same float rounding
     try:
