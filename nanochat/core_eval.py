@@ -329,7 +329,7 @@ def _answer_stats(logits, targets):
     pick_prob = torch.where(gold_logit == top, 1.0 / (z == top[:, None]).sum(-1), 0.0)
     B = targets.size(0)
     nll_sum = torch.zeros(B, dtype=torch.float64, device=z.device).index_add_(0, rows, nll.double())
-    count = torch.zeros(B, dtype=torch.float64, device=z.device).index_add_(0, rows, torch.ones_like(nll, dtype=torch.float64))
+    count = torch.bincount(rows, minlength=B).double()
     prob = torch.ones(B, dtype=torch.float64, device=z.device).scatter_reduce_(0, rows, pick_prob.double(), "prod")
     return (nll_sum / count).tolist(), prob.tolist()
 
@@ -364,7 +364,8 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len, max_items=
     mean_loss, greedy_prob = score_sequences(model, seqs, device, batch_tokens)
     credit, pos = 0.0, 0
     for pairs, gold in rendered:
-        credit += item_credit(task["icl_task_type"], mean_loss[pos:pos + len(pairs)], greedy_prob[pos:pos + len(pairs)], gold)
+        span = slice(pos, pos + len(pairs))
+        credit += item_credit(task["icl_task_type"], mean_loss[span], greedy_prob[span], gold)
         pos += len(pairs)
     credit = torch.tensor(credit, dtype=torch.float64, device=device)
     if dist.is_initialized():

@@ -38,7 +38,8 @@ def evaluate_all(bundle, info):
     quiet = lambda *args: None  # noqa: E731
     results = {
         "gpt": evaluate_core(model, tokenizer, bundle_dir, info.device, MAX_SEQ_LEN, print_fn=quiet),
-        "gpt_max7": evaluate_core(model, tokenizer, bundle_dir, info.device, MAX_SEQ_LEN, max_per_task=7, print_fn=quiet),
+        "gpt_max7": evaluate_core(model, tokenizer, bundle_dir, info.device, MAX_SEQ_LEN, max_per_task=7,
+                                  print_fn=quiet),
     }
     oracle_accs = {}
     for task in load_tasks(bundle_dir):

@@ -93,7 +93,8 @@ def test_render_multiple_choice():
 
 
 def test_render_schema():
-    items = [{"context_options": ["Ann fed Bo because Ann", "Ann fed Bo because Bo"], "continuation": "was hungry.", "gold": 1},
+    items = [{"context_options": ["Ann fed Bo because Ann", "Ann fed Bo because Bo"], "continuation": "was hungry.",
+              "gold": 1},
              {"context_options": ["Cy met Di", "Di met Cy"], "continuation": "at noon.", "gold": 0}]
     pairs, gold = render_item(task_of("schema", 1), items, 0)
     assert pairs == [("Cy met Di at noon.\n\nAnn fed Bo because Ann", " was hungry."),
@@ -177,7 +178,8 @@ def test_real_gpt_end_to_end_on_the_mini_bundle():
     labels = [t["label"] for t in load_tasks(MINI_BUNDLE_DIR)]
     assert list(out["results"]) == labels == list(out["centered"])
     assert all(0.0 <= acc <= 1.0 for acc in out["results"].values())
-    assert math.isfinite(out["core_metric"]) and out["core_metric"] == pytest.approx(sum(out["centered"].values()) / len(labels))
+    assert math.isfinite(out["core_metric"])
+    assert out["core_metric"] == pytest.approx(sum(out["centered"].values()) / len(labels))
     assert len(lines) == len(labels) + 1 and lines[-1].startswith("CORE metric")
 
 
