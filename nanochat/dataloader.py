@@ -117,9 +117,15 @@ class BestFitPacker:
         bisect.insort(self._keys, (len(tokens), -seq))
 
     def take(self, space):
-        """Removes and returns (coord, tokens): the largest document with len <= space, else the shortest."""
-        i = bisect.bisect_right(self._keys, (space, 0)) - 1  # (space, 0) sorts after every (space, -seq)
-        _, neg_seq = self._keys.pop(max(i, 0))
+        """Removes and returns (coord, tokens): the largest document with len <= space, else the shortest.
+
+        Ties go to the oldest document. (length, 0) sorts after every (length, -seq), so
+        bisect_right(...) - 1 is the oldest document of the largest length <= the bound.
+        """
+        i = bisect.bisect_right(self._keys, (space, 0)) - 1
+        if i < 0:  # nothing fits: the oldest of the shortest, to be cropped
+            i = bisect.bisect_right(self._keys, (self._keys[0][0], 0)) - 1
+        _, neg_seq = self._keys.pop(i)
         return self._entries.pop(-neg_seq)
 
     def coords(self):
