@@ -29,6 +29,7 @@ import queue
 import threading
 from collections import deque
 
+import numpy as np
 import torch
 
 from nanochat.dataset import DataError, list_parquet_files, rank_row_groups, read_row_group, split_files
@@ -44,7 +45,9 @@ class DocumentSource:
         self.files = files
         self.tokenizer = tokenizer
         self.num_threads = num_threads
-        self.row_groups = rank_row_groups(files, rank, world_size)  # [(file index, row group index)]
+        share = rank_row_groups(files, rank, world_size)
+        self.row_groups = [(fi, rg) for fi, rg, _ in share]
+        self.num_documents = sum(rows for _, _, rows in share)  # per epoch
         self.epoch, self.index, self.row = 0, 0, 0  # next document: row `row` of self.row_groups[index]
         self._docs = None  # token lists of the current row group, rows >= self.row still to hand out
 
@@ -60,7 +63,9 @@ class DocumentSource:
         self._docs = None
 
     def _tokenize(self, texts):
-        return self.tokenizer.encode(texts, prepend_bos=True, num_threads=self.num_threads)
+        # int32 arrays: a buffer of long documents as Python int lists would take ~36 bytes per token
+        return [np.array(ids, dtype=np.int32) for ids in
+                self.tokenizer.encode(texts, prepend_bos=True, num_threads=self.num_threads)]
 
     def next_document(self):
         """((file, row group, row), tokens) of the next document; tokens start with BOS."""
@@ -180,6 +185,9 @@ class DataLoader:
         self.pin_memory = self.device.type == "cuda"
         self.prefetch_batches = prefetch_batches
         self._source = DocumentSource(self.files, tokenizer, rank, world_size, num_threads)
+        # a buffer bigger than this rank's data would hold several copies of each document and
+        # re-read the whole share per refill: cap it at one epoch (matters only for tiny data)
+        self._buffer_docs = max(1, min(buffer_size, self._source.num_documents))
         self._packer = PACKERS[packer]()
         self._config = {
             "version": STATE_VERSION, "split": split, "files": [os.path.basename(f) for f in self.files],
@@ -200,33 +208,33 @@ class DataLoader:
         return {"position": self._source.position(), "buffer": self._packer.coords()}
 
     def _take(self, space):
-        while len(self._packer) < self.buffer_size:
+        while len(self._packer) < self._buffer_docs:
             self._packer.add(*self._source.next_document())
         return self._packer.take(space)
 
-    def _pack_row(self, row_len):
-        """One row of exactly row_len tokens; returns (row, stats counts)."""
-        row, cropped, thrown, docs = [], 0, 0, 0
-        while len(row) < row_len:
-            space = row_len - len(row)
+    def _pack_row(self, row):
+        """Fills `row` (a 1-D int64 array) exactly; returns (cropped, thrown, documents) token counts."""
+        filled, cropped, thrown, docs = 0, 0, 0, 0
+        while filled < len(row):
+            space = len(row) - filled
             _, tokens = self._take(space)
             docs += 1
-            if len(tokens) <= space:
-                row.extend(tokens)
-            else:
-                row.extend(tokens[:space])
-                cropped += space
-                thrown += len(tokens) - space
-        return row, cropped, thrown, docs
+            n = min(len(tokens), space)
+            row[filled:filled + n] = tokens[:n]
+            filled += n
+            if n < len(tokens):
+                cropped += n
+                thrown += len(tokens) - n
+        return cropped, thrown, docs
 
     def _produce(self):
         B, T = self.batch_size, self.seq_len
-        rows, cropped, thrown, docs = [], 0, 0, 0
-        for _ in range(B):
-            row, c, t, d = self._pack_row(T + 1)
-            rows.append(row)
+        packed = np.empty((B, T + 1), dtype=np.int64)
+        cropped, thrown, docs = 0, 0, 0
+        for row in packed:
+            c, t, d = self._pack_row(row)
             cropped, thrown, docs = cropped + c, thrown + t, docs + d
-        packed = torch.tensor(rows, dtype=torch.int64)
+        packed = torch.from_numpy(packed)
         # inputs and targets as one contiguous (2, B, T) block: one host-to-device copy, two contiguous views
         pair = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self.pin_memory)
         pair[0] = packed[:, :-1]

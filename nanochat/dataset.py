@@ -82,8 +82,12 @@ def open_parquet(path):
 
 
 def list_row_groups(files):
-    """Every (file index, row group index) of the files, in order. Opens each footer once (fails fast)."""
-    return [(fi, rg) for fi, path in enumerate(files) for rg in range(open_parquet(path).num_row_groups)]
+    """Every (file index, row group index, rows) of the files, in order. Opens each footer once (fails fast)."""
+    row_groups = []
+    for fi, path in enumerate(files):
+        metadata = open_parquet(path).metadata
+        row_groups += [(fi, rg, metadata.row_group(rg).num_rows) for rg in range(metadata.num_row_groups)]
+    return row_groups
 
 
 def rank_row_groups(files, rank=0, world_size=1):
@@ -127,7 +131,7 @@ def read_row_group(path, row_group):
 
 def iter_documents(files, rank=0, world_size=1):
     """One pass over this rank's documents (str), row group by row group."""
-    for fi, rg in rank_row_groups(files, rank, world_size):
+    for fi, rg, _ in rank_row_groups(files, rank, world_size):
         yield from read_row_group(files[fi], rg)
 
 
