@@ -1,8 +1,8 @@
 """Token batches for training: best-fit BOS-aligned packing, crop statistics, exact resume, prefetch.
 
 Pipeline (per rank): this rank's row groups (dataset.py) -> documents tokenized with BOS
-prepended -> a buffer of `buffer_size` whole documents -> rows of exactly T+1 tokens ->
-(inputs, targets) = the rows shifted by one.
+prepended (int32 arrays) -> a buffer of `buffer_size` whole documents (at most one epoch of
+this rank's data) -> rows of exactly T+1 tokens -> (inputs, targets) = the rows shifted by one.
 
 Best-fit packing (shared NOTES.md, "Data"): every row starts at a document start, so with
 BOS; fill the row with the largest buffered document that fits the space left; when none
@@ -20,7 +20,8 @@ Exact resume: a document is named by its coordinates (file, row group, row) and 
 the same every time, so the state is just the read position plus the coordinates of the
 buffered documents, in insertion order. A background thread runs ahead; every batch it
 queues carries the state *after* that batch, and `state_dict()` returns the state of the
-last batch the consumer received, never the thread's read-ahead.
+last batch the consumer received, never the thread's read-ahead. In a multi-rank run every
+rank's state differs: save each, or gather them with `state_dict_all_ranks()` (a collective).
 """
 
 import bisect
