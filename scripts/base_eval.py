@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from nanochat.checkpoint import load_meta, load_model_weights, resolve_step, step_dir
+from nanochat.checkpoint import CheckpointError, load_meta, load_model_weights, resolve_step, step_dir
 from nanochat.common import cleanup_dist, get_base_dir, init_dist, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle
-from nanochat.dataloader import DataLoader, validation_batches
-from nanochat.dataset import resolve_data_dir
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import DataError, resolve_data_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_tokenizer
@@ -56,17 +56,6 @@ def load_model(checkpoint_dir, device):
     return model, meta
 
 
-def train_batches(tokenizer, batch_size, seq_len, data_dir, rank, world_size, device):
-    """The start of the training stream, as an iterator (the loader's own background thread stops at close)."""
-    loader = DataLoader(tokenizer, batch_size, seq_len, split="train", data_dir=data_dir, rank=rank,
-                        world_size=world_size, device=device)
-    try:
-        while True:
-            yield next(loader)
-    finally:
-        loader.close()
-
-
 def main(argv=None):
     args = parse_args(argv)
     dist_info = init_dist(args.device_type or None)
@@ -90,10 +79,9 @@ def main(argv=None):
     with torch.no_grad():
         for split in ("train", "val"):
             t0 = time.time()
-            batches = (train_batches if split == "train" else validation_batches)(
-                tokenizer, args.device_batch_size, T, data_dir=data_dir, rank=rank, world_size=world_size, device=device)
-            bpb = evaluate_bpb(model, batches, steps, token_bytes)
-            batches.close()
+            with DataLoader(tokenizer, args.device_batch_size, T, split=split, data_dir=data_dir, rank=rank,
+                            world_size=world_size, device=device) as batches:
+                bpb = evaluate_bpb(model, batches, steps, token_bytes)
             print0(f"{split} bpb: {bpb:.4f} ({steps * args.device_batch_size * T * world_size:,} tokens, {time.time() - t0:.1f}s)")
             rows.append((f"{split}_bpb", bpb, ""))
 
@@ -128,4 +116,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
+        raise SystemExit(f"base_eval: {e}") from None

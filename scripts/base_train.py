@@ -26,8 +26,8 @@ from nanochat.checkpoint import (CheckpointError, load_meta, load_model_weights,
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops,
                              print0, synchronize)
 from nanochat.attention import select_backend
-from nanochat.dataloader import DataLoader, validation_batches
-from nanochat.dataset import list_parquet_files, resolve_data_dir, split_files
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, split_files
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scale import DynamicLossScaler
@@ -292,10 +292,10 @@ def main(argv=None):
         progress = {"step": step, "total_training_flops": flops_per_token * total_batch * step,
                     "total_training_time": loop["total_training_time"]}
         if last or due(args.eval_every, step) or (step == 0 and args.eval_every > 0):
-            with torch.no_grad(), eval_context(model):
-                batches = validation_batches(tokenizer, args.device_batch_size, args.max_seq_len, data_dir=data_dir,
-                                             rank=rank, world_size=world_size, device=device)
-                val_bpb = evaluate_bpb(compiled, batches, eval_steps, token_bytes)
+            with torch.no_grad(), eval_context(model), DataLoader(
+                    tokenizer, args.device_batch_size, args.max_seq_len, split="val", data_dir=data_dir,
+                    rank=rank, world_size=world_size, device=device) as val_batches:
+                val_bpb = evaluate_bpb(compiled, val_batches, eval_steps, token_bytes)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             log.log({**progress, "val/bpb": val_bpb})
@@ -393,4 +393,7 @@ def print_samples(model, tokenizer, prompts=("The capital of France is", "In the
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
+        raise SystemExit(f"base_train: {e}") from None
