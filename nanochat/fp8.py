@@ -14,8 +14,8 @@ instead of 2 (bf16): that is the memory win (~9 GB of activations at d24).
 The speed win exists only on GPUs with fp8 tensor cores (SM >= 89) and only under
 torch.compile, which fuses amax, scale and cast into one pass (eager is ~4x slower).
 `torch._scaled_mm` also runs on CPU, slower than bf16, so numerics and the compiled graph
-are testable anywhere. Evaluation runs inside `disable_fp8(model)`: fp8 adds ~5% noise to
-accuracy-style metrics, and sampling feeds row counts that fp8 backward cannot take.
+are testable anywhere. Evaluation and sampling run inside `disable_fp8(model)`: fp8 adds
+~5% noise to accuracy-style metrics (NOTES.md).
 """
 
 from contextlib import contextmanager
@@ -35,8 +35,9 @@ def _to_fp8(t, fp8_dtype):
     """(t cast to fp8 with a tensorwise scale, inverse scale): t ~= t_fp8 * inv_scale.
 
     The scale maps the tensor's amax onto the fp8 format's largest finite value; it is
-    computed in fp32 and the clamp guards against the e4m3 cast of an out-of-range value
-    (which is NaN, not saturation).
+    computed in fp32, and the clamp catches the amax element landing a rounding step above
+    that value (e5m2 would make it inf; e4m3fn has no inf, and casts are not guaranteed to
+    saturate on every backend).
     """
     fp8_max = torch.finfo(fp8_dtype).max
     amax = t.abs().amax().float().clamp(min=AMAX_FLOOR)
