@@ -15,7 +15,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, 
                              print0, synchronize)
 from nanochat.attention import select_backend
 from nanochat.dataloader import DataLoader
+from nanochat.fp8 import convert_to_fp8, disable_fp8, fp8_supported
 from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, split_files
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -70,7 +70,6 @@ def parse_args(argv=None):
     # systems
     p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or run eager (0)")
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks' linears (needs --compile 1; Hopper/Ada GPUs)")
-    p.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="FP8 scaling granularity")
     # evaluation
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); -1 only at the end")
     p.add_argument("--eval-tokens", type=int, default=10 * 2**19, help="validation tokens per bpb evaluation")
@@ -177,7 +176,7 @@ def data_signature(args, tokenizer, val_files, eval_tokens):
 
 
 def warm_up(compiled, model, args, device, scaler):
-    """One dummy train forward/backward and one eval forward before the loop, on every rank, then a barrier.
+    """One dummy train forward/backward and one eval forward (FP8 off, as eval runs it) on every rank, then a barrier.
 
     Compiles both graphs up front, so no rank reaches the first collective with a cold compile
     cache while the others wait (NOTES: the watchdog then kills multi-node jobs).
@@ -185,18 +184,10 @@ def warm_up(compiled, model, args, device, scaler):
     idx = torch.zeros(args.device_batch_size, args.max_seq_len, dtype=torch.long, device=device)
     scaler.scale_loss(compiled(idx, idx)).backward()
     model.zero_grad(set_to_none=True)
-    with torch.no_grad(), eval_context(model):
+    with torch.no_grad(), disable_fp8(model):
         compiled(idx, idx, loss_reduction="none")
     if dist.is_initialized():
         dist.barrier()
-
-
-def eval_context(model):
-    """Evaluation always runs in bf16/fp32 linears, never FP8 (it adds ~5% accuracy noise)."""
-    if any(type(m).__name__ == "Float8Linear" for m in model.modules()):
-        from nanochat.fp8 import disable_fp8
-        return disable_fp8(model)
-    return nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -225,14 +216,13 @@ def main(argv=None):
     hp = resolve_hyperparameters(args, model, world_size)
     optimizer = model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
                                       unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
-                                      weight_decay=hp["weight_decay"])
+                                      weight_decay=hp["weight_decay"], compiled=bool(args.compile))
     scaler = DynamicLossScaler(enabled=COMPUTE_DTYPE == torch.float16)
     if args.fp8:
-        from nanochat.fp8 import convert_to_fp8, fp8_supported
         ok, why = fp8_supported(device)
         if not ok:
             raise SystemExit(f"--fp8: {why}")
-        print0(f"FP8: {convert_to_fp8(model, recipe=args.fp8_recipe)} linears converted ({why})")
+        print0(f"FP8: {convert_to_fp8(model)} linears converted to tensorwise-scaled Float8Linear ({why})")
     compiled = torch.compile(model, dynamic=False) if args.compile else model
 
     run_name = args.run if args.run != "dummy" else f"d{args.depth}"
@@ -292,7 +282,7 @@ def main(argv=None):
         progress = {"step": step, "total_training_flops": flops_per_token * total_batch * step,
                     "total_training_time": loop["total_training_time"]}
         if last or due(args.eval_every, step) or (step == 0 and args.eval_every > 0):
-            with torch.no_grad(), eval_context(model), DataLoader(
+            with torch.no_grad(), disable_fp8(model), DataLoader(
                     tokenizer, args.device_batch_size, args.max_seq_len, split="val", data_dir=data_dir,
                     rank=rank, world_size=world_size, device=device) as val_batches:
                 val_bpb = evaluate_bpb(compiled, val_batches, eval_steps, token_bytes)
@@ -380,13 +370,13 @@ def main(argv=None):
 def run_core(model, tokenizer, args, device, config):
     from nanochat.core_eval import evaluate_core, get_eval_bundle
     bundle = get_eval_bundle(args.eval_bundle or None)
-    with torch.no_grad(), eval_context(model):
+    with torch.no_grad(), disable_fp8(model):
         return evaluate_core(model, tokenizer, bundle, device, config.sequence_len,
                              max_per_task=args.core_metric_max_per_task, print_fn=print0)
 
 
 def print_samples(model, tokenizer, prompts=("The capital of France is", "In the beginning", "The meaning of life is")):
-    with eval_context(model):
+    with disable_fp8(model):
         for prompt in prompts:
             ids = tokenizer.encode(prompt, prepend_bos=True)
             print0(f"sample: {prompt!r} -> {tokenizer.decode(list(model.generate(ids, 16)))!r}")
