@@ -1,11 +1,13 @@
 """Preflight: check a node before a paid speedrun, in one command, with the library's own code.
 
-    torchrun --standalone --nproc_per_node=8 -m scripts.preflight --depth 24 --fp8
+    torchrun --standalone --nproc_per_node=8 -m scripts.preflight -- --depth 24 --fp8 --run d24
     python -m scripts.preflight --depth 4 --max-seq-len 256        (one process, any machine)
 
-Every flag besides the four below is base_train's, parsed by base_train's own parser, and the
-run is resolved by base_train.resolve_hyperparameters: the horizon, batch and accumulation it
-checks are exactly those training will use. Rank 0 prints one row per check (PASS / WARN /
+(The `--` keeps torchrun's own parser off the flags: it would take --run for its --run-path.)
+Every flag but preflight's own (--gpu-hour-usd, --burst-steps, --burst-warmup-steps,
+--skip-burst) is base_train's, parsed by base_train's parser, and the run is resolved by
+base_train.resolve_hyperparameters: the horizon, batch and accumulation checked are exactly
+those training will use. Rank 0 prints one row per check (PASS / WARN /
 FAIL / SKIP) whose message says what to fix. Ranks gather their rows and each check shows its
 worst status over ranks, so every rank exits with the same code: 1 on any FAIL, else 0.
 
@@ -40,7 +42,8 @@ import torch.distributed as dist
 
 from nanochat import attention as attn
 from nanochat.checkpoint import list_steps
-from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops, print0, synchronize
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops, print0,
+                             synchronize)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (LAST_SHARD_INDEX, DataError, _check_hub_reachable, list_parquet_files, list_row_groups,
                               read_row_group, resolve_data_dir, shard_filename, split_files)
@@ -97,7 +100,13 @@ def parse_args(argv=None):
 # helpers
 
 def rel_err(got, want):
+    """||got - want|| / ||want||: numerics of a kernel against a reference."""
     return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+
+
+def max_rel_err(got, want):
+    """max |got - want| / max |want|: a collective must get every element right, one bad value shows."""
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)).item()
 
 
 def across_ranks(value, op, device):
@@ -141,7 +150,8 @@ def count(n):
 
 
 def duration(seconds):
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+    hours = seconds / 3600
+    return f"{seconds / 60:.1f} min" if hours < 1 else f"{hours:.2f} h" if hours < 100 else f"{hours:,.0f} h"
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +174,8 @@ def check_gpu(device):
     desc = (f"{props.name}, SM {props.major}{props.minor}, {gib(total_b)} ({gib(free_b)} free), "
             f"{torch.cuda.device_count()} visible, driver {nvidia_driver_version()}")
     if free_b < GPU_FREE_MEMORY_MIN_FRACTION * total_b:
-        return [Row("gpu", WARN, f"{desc}: another process holds {gib(total_b - free_b)} of {device}; find it with nvidia-smi and stop it")]
+        return [Row("gpu", WARN, f"{desc}: another process holds {gib(total_b - free_b)} of {device}; find it with "
+                                 "nvidia-smi and stop it")]
     if props.major < 8:
         return [Row("gpu", WARN, f"{desc}: no bf16 below SM 80, the run would be fp32 and several times slower; rent Ampere or "
                                  "newer (Hopper for FA3 and FP8)")]
@@ -174,7 +185,8 @@ def check_gpu(device):
 def check_software(device):
     parts = [f"torch {torch.__version__}", f"python {sys.version.split()[0]}"]
     if device.type == "cuda":
-        parts += [f"CUDA {torch.version.cuda}", "NCCL " + ".".join(map(str, torch.cuda.nccl.version()))]
+        nccl = torch.cuda.nccl.version()  # a tuple in torch 2.x, an int in older builds
+        parts += [f"CUDA {torch.version.cuda}", "NCCL " + (".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))]
     return [Row("software", PASS, ", ".join(parts))]
 
 
@@ -256,10 +268,14 @@ def forward_backward(fn, q, k, v, window, grad_out):
 def check_attention_windows(device, dtype, config):
     """One row per window of the pattern: attention() as training calls it vs a reference, forward and backward."""
     backend, _ = attn.select_backend(device, dtype)
-    used, ref_name, reference = ("FA3", "SDPA", attn.sdpa_attention) if backend == "fa3" else ("SDPA", "naive_attention", attn.naive_attention)
-    fix = ("the FlashAttention build is wrong for this window: reinstall flash-attn built for this torch/CUDA "
-           "(pip install 'nanochat[gpu]'), or uninstall it so training falls back to SDPA") if backend == "fa3" else \
-          ("PyTorch SDPA is wrong for this window on this device: reinstall torch, or rerun with NANOCHAT_DTYPE=float32 to narrow it down")
+    if backend == "fa3":
+        used, ref_name, reference = "FA3", "SDPA", attn.sdpa_attention
+        fix = ("the FlashAttention build is wrong for this window: reinstall flash-attn built for this torch/CUDA "
+               "(pip install 'nanochat[gpu]'), or uninstall it so training falls back to SDPA")
+    else:
+        used, ref_name, reference = "SDPA", "naive_attention", attn.naive_attention
+        fix = ("PyTorch SDPA is wrong for this window on this device: reinstall torch, or rerun with "
+               "NANOCHAT_DTYPE=float32 to narrow it down")
     T, H = config.sequence_len, min(config.n_head, ATTN_CHECK_HEADS)
     H_kv = max(1, H * config.n_kv_head // config.n_head)
     tol = ATTN_REL_TOL[dtype]
@@ -383,19 +399,19 @@ def check_collectives(device):
 
     x = pattern * (rank + 1)
     dist.all_reduce(x, op=avg)
-    error = rel_err(x, pattern * mean_factor)
+    error = max_rel_err(x, pattern * mean_factor)
     rows.append(bandwidth_row("all_reduce", error, time_collective(lambda: dist.all_reduce(x, op=avg), device),
                               numel * 4, 2 * (n - 1) / n, device))
 
     full, out = pattern * (rank + 1), torch.empty(chunk, device=device)
     _reduce_scatter(out, full, op=avg)
-    error = rel_err(out, pattern[rank * chunk:(rank + 1) * chunk] * mean_factor)
+    error = max_rel_err(out, pattern[rank * chunk:(rank + 1) * chunk] * mean_factor)
     rows.append(bandwidth_row("reduce_scatter", error, time_collective(lambda: _reduce_scatter(out, full, op=avg), device),
                               numel * 4, (n - 1) / n, device))
 
     mine, gathered = pattern[:chunk] + rank, torch.empty(numel, device=device)
     _all_gather(gathered, mine)
-    error = rel_err(gathered.view(n, chunk), pattern[:chunk] + torch.arange(n, device=device)[:, None])
+    error = max_rel_err(gathered.view(n, chunk), pattern[:chunk] + torch.arange(n, device=device)[:, None])
     rows.append(bandwidth_row("all_gather", error, time_collective(lambda: _all_gather(gathered, mine), device),
                               numel * 4, (n - 1) / n, device))
     return rows
@@ -414,36 +430,63 @@ def burst_args(args, device):
     return argparse.Namespace(**{**vars(args), **small}), note
 
 
+def build_for_burst(args, hp, vocab_size, device):
+    """(model, optimizer, the model as called in training): built the way base_train builds them."""
+    with torch.device("meta"):
+        model = GPT(build_config(args, vocab_size))
+    model.to_empty(device=device)
+    torch.manual_seed(args.seed)
+    model.init_weights()
+    optimizer = model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
+                                      unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
+                                      weight_decay=hp["weight_decay"], compiled=bool(args.compile))
+    if args.fp8 and fp8_supported(device)[0]:  # unsupported: the fp8 row FAILs, the burst measures bf16
+        convert_to_fp8(model)
+    return model, optimizer, torch.compile(model, dynamic=False) if args.compile else model
+
+
+def synthetic_batch(vocab_size, B, T, device):
+    """Fresh random tokens for every micro-step: a repeated batch gets memorised, and its vanishing
+    gradients crawl through denormal arithmetic on CPU (measured: 0.5 s -> 2.5 s per d2 step)."""
+    tokens = torch.randint(vocab_size, (B, T + 1), device=device)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def train_step(model, optimizer, compiled, grad_accum, next_batch, device):
+    """One optimizer step as base_train takes it; returns (mean loss, seconds in optimizer.step incl. its comms)."""
+    loss_sum = 0.0
+    for _ in range(grad_accum):
+        loss = compiled(*next_batch())
+        (loss / grad_accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    synchronize(device)
+    t0 = time.perf_counter()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    return loss_sum / grad_accum, time.perf_counter() - t0
+
+
 def run_burst(args, hp, vocab_size, device, peak, steps, warmup_steps):
-    """(rows, rates or None): train steps of the run's model with MuonAdamW on synthetic tokens.
+    """(rows, rates or None): timed training steps of the run's model and MuonAdamW on synthetic tokens.
 
     rates: {"flops_per_s": model FLOP/s of all ranks, "tok_per_s_per_rank": tokens one rank consumes per second}.
-    One micro-step per rank first, then every rank agrees it worked before any optimizer step
-    (its collectives would otherwise hang the ranks that succeeded).
+    Every rank first runs one forward/backward and all agree it worked before any optimizer
+    step: a rank that fails there (OOM, compile error) would otherwise hang the others in the
+    optimizer's collectives.
     """
     b_args, note = burst_args(args, device)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    grad_accum = hp["grad_accum_steps"] if device.type == "cuda" else 1  # a stand-in keeps one micro-step per step
+    grad_accum = hp["grad_accum_steps"] if device.type == "cuda" else 1  # a CPU stand-in takes one micro-step per step
     B, T = b_args.device_batch_size, b_args.max_seq_len
+    next_batch = lambda: synthetic_batch(vocab_size, B, T, device)  # noqa: E731
+    error = None
     try:
-        with torch.device("meta"):
-            model = GPT(build_config(b_args, vocab_size))
-        model.to_empty(device=device)
-        torch.manual_seed(args.seed)
-        model.init_weights()
-        optimizer = model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"], unembedding_lr=hp["unembedding_lr"],
-                                          scalar_lr=hp["scalar_lr"], weight_decay=hp["weight_decay"], compiled=bool(args.compile))
-        if args.fp8 and fp8_supported(device)[0]:
-            convert_to_fp8(model)
-        compiled = torch.compile(model, dynamic=False) if args.compile else model
-        def synthetic_batch():  # fresh tokens every micro-step: a repeated batch is memorised, and its
-            t = torch.randint(vocab_size, (B, T + 1), device=device)  # vanishing gradients crawl on CPU (denormals)
-            return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        model, optimizer, compiled = build_for_burst(b_args, hp, vocab_size, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        compiled(*synthetic_batch()).backward()  # compiles the training graph
+        compiled(*next_batch()).backward()  # compiles the training graph
         model.zero_grad(set_to_none=True)
-        error = None
     except Exception as e:
         error = e
     if not across_ranks(error is None, dist.ReduceOp.MIN, device):
@@ -454,28 +497,17 @@ def run_burst(args, hp, vocab_size, device, peak, steps, warmup_steps):
                                             "total batch stays the same, with more accumulation steps)")], None
         return [Row("throughput", FAIL, f"the first training step failed: {type(error).__name__}: {error}")], None
 
-    def train_step():
-        """Returns (loss, seconds in the optimizer step incl. its gradient reduce-scatter/all-gather)."""
-        loss_sum = 0.0
-        for _ in range(grad_accum):
-            loss = compiled(*synthetic_batch())
-            (loss / grad_accum).backward()
-            loss_sum = loss_sum + loss.detach()
+    try:
+        for _ in range(warmup_steps):
+            train_step(model, optimizer, compiled, grad_accum, next_batch, device)
         synchronize(device)
-        t0 = time.perf_counter()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        return loss_sum / grad_accum, time.perf_counter() - t0
-
-    for _ in range(warmup_steps):
-        train_step()
-    synchronize(device)
-    t0, optim_s = time.perf_counter(), 0.0
-    for _ in range(steps):
-        loss, dt_optim = train_step()
-        optim_s += dt_optim
-    loss = loss.item()
+        t0, optim_s = time.perf_counter(), 0.0
+        for _ in range(steps):
+            loss, dt_optim = train_step(model, optimizer, compiled, grad_accum, next_batch, device)
+            optim_s += dt_optim
+        loss = loss.item()
+    except Exception as e:  # past the agreement: every rank most likely fails alike (or the others hang in a collective)
+        return [Row("throughput", FAIL, f"a training step failed: {type(e).__name__}: {e}")], None
     elapsed = across_ranks(time.perf_counter() - t0, dist.ReduceOp.MAX, device)
     if not math.isfinite(loss):
         return [Row("throughput", FAIL, f"training loss is {loss} after {warmup_steps + steps} steps: numerics are broken here; "
@@ -483,24 +515,27 @@ def run_burst(args, hp, vocab_size, device, peak, steps, warmup_steps):
     tok_per_s = grad_accum * B * T * world_size * steps / elapsed
     flops_per_token = model.estimate_flops()
     mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, world_size)
-    optim_frac = optim_s / elapsed
     message = (f"{tok_per_s:,.0f} tok/s on {world_size} x {device.type}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}, "
                f"{elapsed / steps * 1e3:.0f} ms/step ({grad_accum} x {B}x{T} per rank, {'compiled' if args.compile else 'eager'}"
-               f"{', fp8' if args.fp8 else ''}), optimizer {optim_frac:.0%} of step, loss {loss:.2f}")
+               f"{', fp8' if any(isinstance(m, Float8Linear) for m in model.modules()) else ''}), optimizer {optim_s / elapsed:.0%} of step, loss {loss:.2f}")
     if device.type == "cuda":
-        message += f", peak memory {gib(torch.cuda.max_memory_allocated(device))} of {gib(torch.cuda.get_device_properties(device).total_memory)}"
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+        message += f", peak memory {gib(torch.cuda.max_memory_allocated(device))} of {gib(total_memory)}"
+    problems = throughput_problems(mfu, optim_s / elapsed, B * T, args.compile) if device.type == "cuda" else []
+    rates = {"flops_per_s": flops_per_token * tok_per_s, "tok_per_s_per_rank": tok_per_s / world_size}
+    return [Row("throughput", WARN if problems else PASS, "; ".join([message, *problems]) + note)], rates
+
+
+def throughput_problems(mfu, optim_frac, tokens_per_micro_step, compiled):
+    """What to fix on a GPU burst (on CPU the 40% MFU bar means nothing)."""
     problems = []
-    if device.type == "cuda":  # on CPU the MFU bar means nothing: the speedrun's figures are GPU figures
-        if mfu is None:
-            problems.append("MFU unknown (see peak flops)")
-        elif mfu < MFU_HEALTHY:
-            problems.append(diagnose_low_mfu(mfu, 0.0, optim_frac, B * T))
-        if not args.compile:
-            problems.append("the burst ran eager, the speedrun compiles: drop --compile 0")
-    status = WARN if problems else PASS
-    message = "; ".join([message, *problems])
-    return [Row("throughput", status, message + note)], {"flops_per_s": flops_per_token * tok_per_s,
-                                                          "tok_per_s_per_rank": tok_per_s / world_size}
+    if mfu is None:
+        problems.append("MFU unknown (see peak flops)")
+    elif mfu < MFU_HEALTHY:
+        problems.append(diagnose_low_mfu(mfu, 0.0, optim_frac, tokens_per_micro_step))  # synthetic data: no data wait
+    if not compiled:
+        problems.append("the burst ran eager, the speedrun compiles: drop --compile 0")
+    return problems
 
 
 def check_projection(hp, flops_per_s, device, world_size, gpu_hour_usd, note):
@@ -544,7 +579,8 @@ def check_data(data_dir, tokenizer, training_tokens):
     tokens_per_doc = sum(len(ids) for ids in tokenizer.encode(sample, prepend_bos=True)) / max(1, len(sample))
     available = tokens_per_doc * train_docs
     needed = training_tokens / (1 - CROP_LOSS)  # best-fit packing discards part of what it consumes
-    found += f" ~ {count(available)} tokens; the run consumes ~{count(needed)} ({count(training_tokens)} trained, ~{CROP_LOSS:.0%} of what is read is cropped away)"
+    found += (f" ~ {count(available)} tokens; the run consumes ~{count(needed)} ({count(training_tokens)} trained, "
+              f"~{CROP_LOSS:.0%} of what is read is cropped away)")
     if available >= needed:
         return [Row("data", PASS, found)]
     message = f"{found}: it would repeat the data ~{needed / available:.1f} times"
@@ -684,7 +720,7 @@ def run_checks(own, args, dist_info):
         rows += guarded(["flash attention"], check_flash_attention, device, COMPUTE_DTYPE, model)
         rows += guarded(["attention"], check_attention_windows, device, COMPUTE_DTYPE, model.config)
     rows += guarded(["fp8"], check_fp8, device, args.fp8, model.config.n_embd if model else 768)
-    rows += check_collectives(device)
+    rows += guarded(["all_reduce", "reduce_scatter", "all_gather"], check_collectives, device)
     rates, note = None, burst_args(args, device)[1]
     if hp is None or own.skip_burst:
         why = "--skip-burst" if own.skip_burst else "needs a valid run plan"
@@ -704,7 +740,8 @@ def run_checks(own, args, dist_info):
                         rates and rates["tok_per_s_per_rank"])
     run_dir = default_run_dir(args)
     if model is not None:
-        rows += guarded(["disk"], check_disk, run_dir, checkpoint_bytes(model, device), planned_saves(args.save_every, hp["num_iterations"]))
+        saves = planned_saves(args.save_every, hp["num_iterations"])
+        rows += guarded(["disk"], check_disk, run_dir, checkpoint_bytes(model, device), saves)
     rows += check_run_dir(run_dir, bool(args.resume_from_step))
     rows += guarded(["wandb"], check_wandb, args.run, dist_info.is_master)
     return rows
