@@ -714,6 +714,8 @@ def run_checks(own, args, dist_info):
     rows += tok_rows
     vocab_size = tokenizer.vocab_size if tokenizer else DEFAULT_VOCAB
     plan_rows, plan = check_run_plan(args, vocab_size, world_size)
+    if tokenizer is None:
+        plan_rows = [r._replace(message=f"{r.message} (vocab {DEFAULT_VOCAB:,} assumed: no tokenizer)") for r in plan_rows]
     rows += plan_rows
     model, hp = plan or (None, None)
     if model is not None:

@@ -81,6 +81,7 @@ def test_failures_give_exit_code_1_on_every_rank(tmp_path, corpus_dir):
     assert rows["tokenizer"][0] == FAIL and "scripts.tok_train" in rows["tokenizer"][1]
     assert rows["data"][0] == FAIL and "python -m nanochat.dataset" in rows["data"][1]
     assert rows["loader"][0] == SKIP and rows["throughput"][0] == SKIP
+    assert rows["run plan"][0] == PASS and "assumed: no tokenizer" in rows["run plan"][1]
     assert rows["all_reduce"][0] == PASS  # the other checks still ran
     assert "preflight FAIL: 2 FAIL" in out.stdout
 
