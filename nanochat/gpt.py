@@ -358,3 +358,39 @@ class GPT(nn.Module):
                 next_id = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
+
+    # -- optimizer ----------------------------------------------------------------
+
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
+                        weight_decay=0.0, adam_betas=(0.8, 0.95), compiled=True):
+        """A MuonAdamW over every parameter: Muon for the block matrices, AdamW for everything else.
+
+        Defaults are the public nanochat speedrun values (NOTES "Optimisation"), tuned at d12:
+        - Muon, one group per matrix shape (they are stacked): matrix_lr, momentum 0.95 (the loop
+          ramps it), weight_decay (the loop passes the width-scaled value, e.g. 0.22 at d12);
+        - AdamW, betas (0.8, 0.95), eps 1e-10, no weight decay: wte and value embeddings at
+          embedding_lr, lm_head at unembedding_lr, both times (n_embd / 768)^-0.5 so wider models
+          take smaller steps; resid_lambdas at scalar_lr * 0.01 (they start at 1 and scale the
+          whole residual stream, a 0.5 Adam step would wreck it); x0_lambdas at scalar_lr with
+          beta1 0.9 (NOTES: a plateau at beta1 0.90-0.96, a cliff at 0.98: take the safe end).
+        compiled: torch.compile the update functions (one cold compile per parameter shape).
+        """
+        from nanochat.optim import MuonAdamW  # imported on use: the model itself never needs the optimizer
+
+        width_lr_scale = (self.config.n_embd / 768) ** -0.5
+        matrices = list(self.blocks.parameters())
+        shapes = sorted({tuple(p.shape) for p in matrices})
+        groups = [dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                       weight_decay=weight_decay) for shape in shapes]
+        groups += [
+            dict(kind="adamw", params=[self.wte.weight, *self.value_embeds.parameters()],
+                 lr=embedding_lr * width_lr_scale, betas=adam_betas),
+            dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * width_lr_scale, betas=adam_betas),
+            dict(kind="adamw", params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=adam_betas),
+            dict(kind="adamw", params=[self.x0_lambdas], lr=scalar_lr, betas=(0.9, adam_betas[1])),
+        ]
+        grouped = [p for group in groups for p in group["params"]]
+        if len(grouped) != len(list(self.parameters())) or set(grouped) != set(self.parameters()):
+            raise RuntimeError("setup_optimizer: a parameter of GPT is missing from the optimizer groups "
+                               "(or in two): give any new parameter a group here")
+        return MuonAdamW(groups, compiled=compiled)
