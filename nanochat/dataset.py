@@ -138,7 +138,7 @@ def iter_documents(files, rank=0, world_size=1):
 # -----------------------------------------------------------------------------
 # download (ClimbMix from the Hugging Face Hub)
 
-def _check_hub_reachable(filename):
+def check_hub_reachable(filename):
     """Fails in well under a second when offline; hf_hub_download would retry for ~23 s first."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     try:
@@ -183,7 +183,7 @@ def download_shards(num_train_shards, data_dir=None, num_workers=8):
     indices = list(range(min(num_train_shards, LAST_SHARD_INDEX))) + [LAST_SHARD_INDEX]
     todo = [i for i in indices if not os.path.exists(os.path.join(data_dir, shard_filename(i)))]
     if todo:
-        _check_hub_reachable(shard_filename(todo[0]))
+        check_hub_reachable(shard_filename(todo[0]))
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
         futures = [pool.submit(download_shard, i, data_dir) for i in todo]
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"shards -> {data_dir}", unit="shard"):

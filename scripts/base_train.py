@@ -11,8 +11,6 @@ The resolved table is printed at start.
 
 import argparse
 import gc
-import json
-import math
 import os
 import time
 
@@ -141,6 +139,64 @@ def format_table(hp):
 
 
 # -----------------------------------------------------------------------------
+# building the run (also used by scripts/preflight.py, so it checks exactly what training runs)
+
+def build_config(args, vocab_size):
+    return GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
+                                aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, window_pattern=args.window_pattern)
+
+
+def default_run_dir(args):
+    """--run-dir, else <base>/runs/<run name> (d<depth> for the dummy run)."""
+    return args.run_dir or os.path.join(get_base_dir(), "runs", args.run if args.run != "dummy" else f"d{args.depth}")
+
+
+def build_model(args, vocab_size, device):
+    """Built on the meta device (no memory, no init cost), materialised on `device`, initialised explicitly."""
+    with torch.device("meta"):
+        model = GPT(build_config(args, vocab_size))
+    model.to_empty(device=device)
+    torch.manual_seed(args.seed)
+    model.init_weights()
+    return model
+
+
+def build_optimizer(model, hp, args):
+    return model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
+                                 unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
+                                 weight_decay=hp["weight_decay"], compiled=bool(args.compile))
+
+
+def train_step(model, compiled, optimizer, scaler, batches, grad_accum):
+    """One optimizer step over grad_accum micro-batches from the iterator `batches`.
+
+    Returns (mean loss tensor, seconds waiting in next(batches), seconds in the optimizer incl.
+    gradient sync, whether the step was skipped for an inf/NaN, mean crop fraction or None when
+    the batches carry no loader statistics). Schedules are set by the caller before it.
+    """
+    device = next(model.parameters()).device
+    data_wait_s, crop, loss_sum = 0.0, 0.0, 0.0
+    for _ in range(grad_accum):
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        data_wait_s += time.perf_counter() - t0
+        stats = getattr(batches, "last_stats", None)  # the DataLoader's; synthetic batches have none
+        crop = None if stats is None else crop + stats["crop_fraction"] / grad_accum
+        loss = compiled(x, y)
+        loss_sum = loss_sum + loss.detach() / grad_accum
+        scaler.scale_loss(loss / grad_accum).backward()
+    synchronize(device)
+    t0 = time.perf_counter()
+    found_inf = scaler.unscale_and_check(model.parameters())
+    if not found_inf:
+        optimizer.step()
+    scaler.update(found_inf)
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    return loss_sum, data_wait_s, time.perf_counter() - t0, found_inf, crop
+
+
+# -----------------------------------------------------------------------------
 # pieces of the loop
 
 def manage_gc(steps_done_here):
@@ -204,19 +260,10 @@ def main(argv=None):
     data_dir = resolve_data_dir(args.data_dir or None)
     _, val_files = split_files(list_parquet_files(data_dir))
 
-    # model: built on the meta device, materialised on the target device, initialised explicitly
-    config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
-                                  aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, window_pattern=args.window_pattern)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    torch.manual_seed(args.seed)
-    model.init_weights()
-
+    model = build_model(args, tokenizer.vocab_size, device)
+    config = model.config
     hp = resolve_hyperparameters(args, model, world_size)
-    optimizer = model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
-                                      unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
-                                      weight_decay=hp["weight_decay"], compiled=bool(args.compile))
+    optimizer = build_optimizer(model, hp, args)
     scaler = DynamicLossScaler(enabled=COMPUTE_DTYPE == torch.float16)
     if args.fp8:
         ok, why = fp8_supported(device)
@@ -226,7 +273,7 @@ def main(argv=None):
     compiled = torch.compile(model, dynamic=False) if args.compile else model
 
     run_name = args.run if args.run != "dummy" else f"d{args.depth}"
-    run_dir = args.run_dir or os.path.join(get_base_dir(), "runs", run_name)
+    run_dir = default_run_dir(args)
     checkpoint_root = os.path.join(run_dir, "checkpoints")
 
     # state of the loop itself: everything a resume needs besides model, optimizer and loader
@@ -304,30 +351,14 @@ def main(argv=None):
             break
 
         # ---- one optimizer step -------------------------------------------------
-        synchronize(device)
-        t0 = time.perf_counter()
-        data_wait_s, train_loss, crop = 0.0, 0.0, 0.0
-        for _ in range(grad_accum):
-            t_data = time.perf_counter()
-            x, y = next(loader)
-            data_wait_s += time.perf_counter() - t_data
-            crop += loader.last_stats["crop_fraction"] / grad_accum
-            loss = compiled(x, y)
-            train_loss += loss.detach() / grad_accum
-            scaler.scale_loss(loss / grad_accum).backward()
         lrm = scaling.lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_frac, args.final_lr_frac)
         optimizer.update_hparams(lr_multiplier=lrm, weight_decay_multiplier=scaling.weight_decay_multiplier(step, num_iterations),
                                  muon_momentum=scaling.muon_momentum(step))
         synchronize(device)
-        t_optim = time.perf_counter()
-        found_inf = scaler.unscale_and_check(model.parameters())
-        if not found_inf:
-            optimizer.step()
-        scaler.update(found_inf)
-        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        train_loss, data_wait_s, optim_s, found_inf, crop = train_step(model, compiled, optimizer, scaler, loader, grad_accum)
         train_loss = train_loss.item()  # syncs the device
-        t1 = time.perf_counter()
-        dt, optim_s = t1 - t0, t1 - t_optim
+        dt = time.perf_counter() - t0
 
         loop["step"] = step = step + 1
         manage_gc(step - start_step)

@@ -45,10 +45,11 @@ from nanochat.checkpoint import list_steps
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops, print0,
                              synchronize)
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import (LAST_SHARD_INDEX, DataError, _check_hub_reachable, list_parquet_files, list_row_groups,
+from nanochat.dataset import (LAST_SHARD_INDEX, DataError, check_hub_reachable, list_parquet_files, list_row_groups,
                               read_row_group, resolve_data_dir, shard_filename, split_files)
 from nanochat.fp8 import Float8Linear, convert_to_fp8, fp8_supported
 from nanochat.gpt import GPT, GPTConfig, Linear
+from nanochat.loss_scale import DynamicLossScaler
 from nanochat.optim import _all_gather, _reduce_scatter
 from nanochat.report import MFU_HEALTHY, diagnose_low_mfu, model_flops_utilization
 from nanochat.tokenizer import get_tokenizer
@@ -124,17 +125,6 @@ def guarded(names, check, *args):
         return check(*args)
     except Exception as e:  # a check that crashes is itself a finding, and the other checks still run
         return [Row(names[0], FAIL, f"crashed with {type(e).__name__}: {e}")] + [Row(n, SKIP, "not run") for n in names[1:]]
-
-
-def build_config(args, vocab_size):
-    """The GPTConfig base_train builds from the same flags."""
-    return GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len, aspect_ratio=args.aspect_ratio,
-                                head_dim=args.head_dim, window_pattern=args.window_pattern)
-
-
-def default_run_dir(args):
-    """Where base_train writes: --run-dir, else <base>/runs/<run name> (d<depth> for the dummy run)."""
-    return args.run_dir or os.path.join(get_base_dir(), "runs", args.run if args.run != "dummy" else f"d{args.depth}")
 
 
 def gib(n_bytes):
@@ -226,7 +216,7 @@ def check_run_plan(args, vocab_size, world_size):
     """(rows, (meta-device model, hp) or None): the run as base_train resolves it; no memory is allocated."""
     try:
         with torch.device("meta"):
-            model = GPT(build_config(args, vocab_size))
+            model = GPT(base_train.build_config(args, vocab_size))
         hp = base_train.resolve_hyperparameters(args, model, world_size)
     except (ValueError, SystemExit) as e:  # resolve_hyperparameters exits with the fix on an indivisible batch
         return [Row("run plan", FAIL, str(e))], None
@@ -432,14 +422,8 @@ def burst_args(args, device):
 
 def build_for_burst(args, hp, vocab_size, device):
     """(model, optimizer, the model as called in training): built the way base_train builds them."""
-    with torch.device("meta"):
-        model = GPT(build_config(args, vocab_size))
-    model.to_empty(device=device)
-    torch.manual_seed(args.seed)
-    model.init_weights()
-    optimizer = model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
-                                      unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
-                                      weight_decay=hp["weight_decay"], compiled=bool(args.compile))
+    model = base_train.build_model(args, vocab_size, device)
+    optimizer = base_train.build_optimizer(model, hp, args)
     if args.fp8 and fp8_supported(device)[0]:  # unsupported: the fp8 row FAILs, the burst measures bf16
         convert_to_fp8(model)
     return model, optimizer, torch.compile(model, dynamic=False) if args.compile else model
@@ -452,19 +436,9 @@ def synthetic_batch(vocab_size, B, T, device):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def train_step(model, optimizer, compiled, grad_accum, next_batch, device):
-    """One optimizer step as base_train takes it; returns (mean loss, seconds in optimizer.step incl. its comms)."""
-    loss_sum = 0.0
-    for _ in range(grad_accum):
-        loss = compiled(*next_batch())
-        (loss / grad_accum).backward()
-        loss_sum = loss_sum + loss.detach()
-    synchronize(device)
-    t0 = time.perf_counter()
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    synchronize(device)
-    return loss_sum / grad_accum, time.perf_counter() - t0
+def synthetic_batches(vocab_size, B, T, device):
+    while True:
+        yield synthetic_batch(vocab_size, B, T, device)
 
 
 def run_burst(args, hp, vocab_size, device, peak, steps, warmup_steps):
@@ -479,13 +453,14 @@ def run_burst(args, hp, vocab_size, device, peak, steps, warmup_steps):
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     grad_accum = hp["grad_accum_steps"] if device.type == "cuda" else 1  # a CPU stand-in takes one micro-step per step
     B, T = b_args.device_batch_size, b_args.max_seq_len
-    next_batch = lambda: synthetic_batch(vocab_size, B, T, device)  # noqa: E731
+    batches = synthetic_batches(vocab_size, B, T, device)
+    scaler = DynamicLossScaler(enabled=COMPUTE_DTYPE == torch.float16)
     error = None
     try:
         model, optimizer, compiled = build_for_burst(b_args, hp, vocab_size, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        compiled(*next_batch()).backward()  # compiles the training graph
+        compiled(*next(batches)).backward()  # compiles the training graph
         model.zero_grad(set_to_none=True)
     except Exception as e:
         error = e
@@ -499,11 +474,11 @@ def run_burst(args, hp, vocab_size, device, peak, steps, warmup_steps):
 
     try:
         for _ in range(warmup_steps):
-            train_step(model, optimizer, compiled, grad_accum, next_batch, device)
+            base_train.train_step(model, compiled, optimizer, scaler, batches, grad_accum)
         synchronize(device)
         t0, optim_s = time.perf_counter(), 0.0
         for _ in range(steps):
-            loss, dt_optim = train_step(model, optimizer, compiled, grad_accum, next_batch, device)
+            loss, _, dt_optim, _, _ = base_train.train_step(model, compiled, optimizer, scaler, batches, grad_accum)
             optim_s += dt_optim
         loss = loss.item()
     except Exception as e:  # past the agreement: every rank most likely fails alike (or the others hang in a collective)
@@ -554,7 +529,7 @@ def check_projection(hp, flops_per_s, device, world_size, gpu_hour_usd, note):
 
 def hub_status():
     try:
-        _check_hub_reachable(shard_filename(0))
+        check_hub_reachable(shard_filename(0))
         return "the Hugging Face Hub is reachable for downloads"
     except DataError:
         return "the Hugging Face Hub is NOT reachable from here: copy the shards in"
@@ -740,7 +715,7 @@ def run_checks(own, args, dist_info):
     else:
         rows += guarded(["loader"], check_loader, tokenizer, args, args.data_dir, rank, world_size, device,
                         rates and rates["tok_per_s_per_rank"])
-    run_dir = default_run_dir(args)
+    run_dir = base_train.default_run_dir(args)
     if model is not None:
         saves = planned_saves(args.save_every, hp["num_iterations"])
         rows += guarded(["disk"], check_disk, run_dir, checkpoint_bytes(model, device), saves)

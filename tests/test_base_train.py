@@ -15,7 +15,7 @@ from nanochat.report import read_jsonl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
         "--compile", "0", "--eval-every", "-1", "--eval-tokens", "512", "--core-metric-every", "0",
-        "--sample-every", "0", "--warmup-steps", "2"]
+        "--sample-every", "0", "--warmup-steps", "2", "--total-batch-size", "512"]
 
 
 def run(args, base_dir, nproc=1, env_extra=None, check=True):
@@ -57,7 +57,7 @@ def test_fp16_inf_on_one_rank_skips_on_both(tmp_path):
     worker = os.path.join(REPO, "tests", "dist_inf_skip_worker.py")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker],
-                            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+                            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("skipped=[False, True, False] equal_across_ranks=True") == 2
 
