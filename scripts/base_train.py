@@ -132,6 +132,8 @@ def format_table(hp):
     for key, value in hp.items():
         if isinstance(value, float):
             value = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+        elif isinstance(value, int) and value >= 10**12:
+            value = f"{value:.3e}"
         elif isinstance(value, int) and value >= 10_000:
             value = f"{value:,}"
         rows.append(f"  {key:<20} {value}")
