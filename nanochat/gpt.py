@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from nanochat.attention import attention
 from nanochat.common import COMPUTE_DTYPE
+from nanochat.scaling import VE_GATE_CHANNELS, model_shape
 
 ROTARY_BASE = 100_000
 VOCAB_MULTIPLE = 64
-VE_GATE_CHANNELS = 32       # the value-embedding gate reads this many leading channels of x
 LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk: 1024 rows at vocab 32768 = 128 MiB in fp32
 
 
@@ -47,10 +47,7 @@ class GPTConfig:
     @classmethod
     def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128, **overrides):
         """The one dial: width = depth * aspect_ratio rounded up to a multiple of head_dim."""
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
-        n_head = n_embd // head_dim
+        n_embd, n_head = model_shape(depth, aspect_ratio, head_dim)
         fields = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                       n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
         return cls(**{**fields, **overrides})

@@ -1,0 +1,186 @@
+"""FP8 training for nanochat's Linear layers: `Float8Linear`, `convert_to_fp8`, `disable_fp8`, `fp8_supported`.
+
+Recipe (shared NOTES.md, Systems -> FP8): tensorwise dynamic scaling. Every matmul operand is
+cast to fp8 with one fp32 scale computed from its own absolute max at that moment (no amax
+history, nothing to keep in sync between steps or ranks):
+- forward  out    = x @ w.T   with x, w in e4m3 (3 mantissa bits, max 448)
+- backward grad_x = g @ w     with g in e5m2 (2 mantissa bits, max 57344: gradients span
+                                more octaves than activations, so range beats precision)
+           grad_w = g.T @ x   written straight into the fp32 master weight's gradient
+All three run through `torch._scaled_mm`. Only the fp8 copies of x and w and their inverse
+scales are saved for backward, so a converted layer keeps 1 byte per activation element
+instead of 2 (bf16): that is the memory win (~9 GB of activations at d24).
+
+The speed win exists only on GPUs with fp8 tensor cores (SM >= 89) and only under
+torch.compile, which fuses amax, scale and cast into one pass (eager is ~4x slower).
+`torch._scaled_mm` also runs on CPU, slower than bf16, so numerics and the compiled graph
+are testable anywhere. Evaluation and sampling run inside `disable_fp8(model)`: fp8 adds
+~5% noise to accuracy-style metrics (NOTES.md).
+"""
+
+from contextlib import contextmanager
+
+import torch
+
+from nanochat.gpt import Linear
+
+E4M3 = torch.float8_e4m3fn  # forward operands: input and weight
+E5M2 = torch.float8_e5m2  # backward operand: the output gradient
+AMAX_FLOOR = 1e-12  # an all-zero tensor (zero-initialised c_proj) still gets a finite scale
+FP8_MIN_DIM = 128  # smaller matmuls lose more to the scaling passes than fp8 gains (NOTES.md)
+FP8_DIM_MULTIPLE = 16  # torch._scaled_mm: mat1's inner dim and both of mat2's dims must divide by 16
+
+
+def _to_fp8(t, fp8_dtype):
+    """(t cast to fp8 with a tensorwise scale, inverse scale): t ~= t_fp8 * inv_scale.
+
+    The scale maps the tensor's amax onto the fp8 format's largest finite value; it is
+    computed in fp32, and the clamp catches the amax element landing a rounding step above
+    that value (e5m2 would make it inf; e4m3fn has no inf, and casts are not guaranteed to
+    saturate on every backend).
+    """
+    fp8_max = torch.finfo(fp8_dtype).max
+    amax = t.abs().amax().float().clamp(min=AMAX_FLOOR)
+    scale = fp8_max / amax
+    t_fp8 = (t.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
+    return t_fp8.contiguous(), scale.reciprocal()
+
+
+def _col_major(t):
+    """The same matrix with column-major strides: _scaled_mm wants its second operand that way."""
+    return t.t().contiguous().t()
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """x (M, K) @ weight (N, K).T with all three matmuls of training in fp8."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x_fp8, x_inv_scale = _to_fp8(x, E4M3)
+        w_fp8, w_inv_scale = _to_fp8(weight, E4M3)
+        # w_fp8.t() is already column-major (a view). Fast accumulation is fine for the output
+        # but not for the gradients (Hopper's fp8 accumulator keeps fewer bits; the torchao
+        # default recipe makes the same split).
+        out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale,
+                               out_dtype=x.dtype, use_fast_accum=True)
+        ctx.save_for_backward(x_fp8, x_inv_scale, w_fp8, w_inv_scale)
+        ctx.weight_dtype = weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_fp8, x_inv_scale, w_fp8, w_inv_scale = ctx.saved_tensors
+        g_fp8, g_inv_scale = _to_fp8(grad_out, E5M2)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._scaled_mm(g_fp8, _col_major(w_fp8), scale_a=g_inv_scale, scale_b=w_inv_scale,
+                                      out_dtype=grad_out.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch._scaled_mm(g_fp8.t().contiguous(), _col_major(x_fp8), scale_a=g_inv_scale,
+                                      scale_b=x_inv_scale, out_dtype=ctx.weight_dtype)
+        return grad_x, grad_w
+
+
+class Float8Linear(Linear):
+    """nanochat `Linear` (bias-free, fp32 master weight) whose matmuls run in fp8; output dtype = input dtype."""
+
+    def __init__(self, in_features, out_features):
+        if in_features % FP8_DIM_MULTIPLE or out_features % FP8_DIM_MULTIPLE:
+            raise ValueError(f"Float8Linear({in_features}, {out_features}): both dimensions must be multiples of "
+                             f"{FP8_DIM_MULTIPLE} for torch._scaled_mm; leave this layer out of convert_to_fp8")
+        super().__init__(in_features, out_features)
+
+    @classmethod
+    def from_linear(cls, linear):
+        """A Float8Linear that shares `linear.weight` (the same Parameter object, no copy)."""
+        with torch.device("meta"):  # skip allocating a weight that is replaced at once
+            fp8_linear = cls(linear.in_features, linear.out_features)
+        fp8_linear.weight = linear.weight
+        return fp8_linear
+
+    def forward(self, x):
+        x_2d = x.reshape(-1, self.in_features)
+        # fp8 backward computes g.T @ x, so the row count becomes an inner dimension of _scaled_mm.
+        # Checked here, also on CPU (whose kernel does not check), so a bad shape fails the same everywhere.
+        if torch.is_grad_enabled() and x_2d.size(0) % FP8_DIM_MULTIPLE:
+            raise ValueError(f"Float8Linear trains only on row counts (batch * sequence) divisible by "
+                             f"{FP8_DIM_MULTIPLE}, got {x_2d.size(0)}; run evaluation and sampling inside "
+                             f"disable_fp8(model), or pick a batch/sequence length that divides by {FP8_DIM_MULTIPLE}")
+        out = _Float8Matmul.apply(x_2d, self.weight)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def default_fp8_filter(name, module):
+    """Which gpt.Linear layers convert_to_fp8 converts: both dims >= 128 and multiples of 16, not lm_head.
+
+    lm_head is excluded by name: the GPT loss never calls lm_head(x), it reads lm_head.weight
+    inside the fused chunked loss (bf16), so a Float8Linear there would be dead code that only
+    pretends to be fp8.
+    """
+    if name.split(".")[-1] == "lm_head":
+        return False
+    dims = (module.in_features, module.out_features)
+    return min(dims) >= FP8_MIN_DIM and all(d % FP8_DIM_MULTIPLE == 0 for d in dims)
+
+
+def _linear_children(model, cls):
+    """(parent, attribute name, qualified name, child) for every child module of exactly type cls."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if type(child) is cls:
+                found.append((parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child))
+    return found
+
+
+def convert_to_fp8(model, module_filter=None):
+    """Swaps eligible gpt.Linear modules of model for Float8Linear in place; returns how many.
+
+    module_filter(qualified_name, module) -> bool picks the layers (default_fp8_filter when
+    None). Weights are shared, not copied, so an optimizer built before or after the swap
+    holds the very same Parameters.
+    """
+    module_filter = module_filter or default_fp8_filter
+    chosen = [(parent, attr, child) for parent, attr, name, child in _linear_children(model, Linear)
+              if module_filter(name, child)]
+    for parent, attr, child in chosen:
+        setattr(parent, attr, Float8Linear.from_linear(child))
+    return len(chosen)
+
+
+def _plain_linear(fp8_linear):
+    with torch.device("meta"):
+        linear = Linear(fp8_linear.in_features, fp8_linear.out_features)
+    linear.weight = fp8_linear.weight
+    return linear
+
+
+@contextmanager
+def disable_fp8(model):
+    """Runs the body with every Float8Linear swapped for a plain gpt.Linear sharing its weight.
+
+    The original Float8Linear objects are put back afterwards (also on an exception), so
+    parameters, optimizer state and any compiled training graph's guards are untouched.
+    """
+    swapped = _linear_children(model, Float8Linear)
+    for parent, attr, _, fp8_linear in swapped:
+        setattr(parent, attr, _plain_linear(fp8_linear))
+    try:
+        yield model
+    finally:
+        for parent, attr, _, fp8_linear in swapped:
+            setattr(parent, attr, fp8_linear)
+
+
+def fp8_supported(device):
+    """(ok, reason): can `device` train with Float8Linear? fp8 tensor cores need CUDA SM >= 89."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True, "CPU: numerics only, slow (torch._scaled_mm runs on CPU, slower than bf16)"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 9):
+            return True, f"CUDA SM {major}{minor} has fp8 tensor cores"
+        return False, (f"CUDA SM {major}{minor} has no fp8 tensor cores (needs SM >= 89: Ada or Hopper); "
+                       "train without --fp8")
+    return False, f"device type {device.type!r} has no fp8 matmul path in nanochat; train without --fp8"

@@ -1,0 +1,122 @@
+"""Evaluate a base-model checkpoint: CORE, bits per byte on train and val, and a few greedy samples.
+
+python -m scripts.base_eval --run-dir ~/.cache/nanochat/runs/d24               # latest checkpoint
+torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --run-dir ... --step 5000
+
+Results go to stdout, to `<run-dir>/base_eval_step<step>.csv`, and to wandb with --run.
+"""
+
+import argparse
+import csv
+import os
+import time
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_meta, load_model_weights, resolve_step, step_dir
+from nanochat.common import cleanup_dist, get_base_dir, init_dist, print0
+from nanochat.core_eval import evaluate_core, get_eval_bundle
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import DataError, resolve_data_dir
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_tokenizer
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "In the beginning",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a nanochat base checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run-dir", default="", help="the training run's directory (default: <base>/runs/d<depth>, needs --depth)")
+    p.add_argument("--depth", type=int, default=20, help="only to find the default run dir")
+    p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
+    p.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE items per task (-1: all)")
+    p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
+    p.add_argument("--skip-core", action="store_true", help="only bits per byte and samples")
+    p.add_argument("--bpb-tokens", type=int, default=10 * 2**19, help="tokens per split for bits per byte")
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per device for bits per byte")
+    p.add_argument("--data-dir", default="", help="parquet shards (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
+    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: <base>/tokenizer)")
+    p.add_argument("--num-sample-tokens", type=int, default=24, help="greedy tokens per sample prompt (0: no samples)")
+    p.add_argument("--run", default="dummy", help="wandb run name to log to; 'dummy' for none")
+    return p.parse_args(argv)
+
+
+def load_model(checkpoint_dir, device):
+    meta = load_meta(checkpoint_dir)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables); the weights are overwritten next
+    load_model_weights(model, checkpoint_dir)
+    model.eval()
+    return model, meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dist_info = init_dist(args.device_type or None)
+    device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
+    run_dir = args.run_dir or os.path.join(get_base_dir(), "runs", f"d{args.depth}")
+    checkpoint_root = os.path.join(run_dir, "checkpoints")
+    step = resolve_step(checkpoint_root, args.step)
+    model, meta = load_model(step_dir(checkpoint_root, step), device)
+    tokenizer = get_tokenizer(args.tokenizer_dir or None)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's model {model.config.vocab_size}: "
+                         "pass the --tokenizer-dir the run was trained with")
+    T = model.config.sequence_len
+    print0(f"evaluating {run_dir} step {step} (depth {model.config.n_layer}, T {T}) on {world_size} x {device}")
+    rows = []  # (metric, value, centered)
+
+    # bits per byte on both splits
+    data_dir = resolve_data_dir(args.data_dir or None)
+    steps = max(1, args.bpb_tokens // (args.device_batch_size * T * world_size))
+    token_bytes = tokenizer.token_bytes().to(device)
+    with torch.no_grad():
+        for split in ("train", "val"):
+            t0 = time.time()
+            with DataLoader(tokenizer, args.device_batch_size, T, split=split, data_dir=data_dir, rank=rank,
+                            world_size=world_size, device=device) as batches:
+                bpb = evaluate_bpb(model, batches, steps, token_bytes)
+            print0(f"{split} bpb: {bpb:.4f} ({steps * args.device_batch_size * T * world_size:,} tokens, {time.time() - t0:.1f}s)")
+            rows.append((f"{split}_bpb", bpb, ""))
+
+    # CORE
+    if not args.skip_core:
+        bundle = get_eval_bundle(args.eval_bundle or None)
+        with torch.no_grad():
+            core = evaluate_core(model, tokenizer, bundle, device, T, max_per_task=args.max_per_task, print_fn=print0)
+        rows += [(label, acc, core["centered"][label]) for label, acc in core["results"].items()]
+        rows.append(("core_metric", core["core_metric"], ""))
+
+    # samples
+    if args.num_sample_tokens > 0 and dist_info.is_master:
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend_bos=True)
+            print0(f"sample: {prompt!r} -> {tokenizer.decode(list(model.generate(ids, args.num_sample_tokens)))!r}")
+
+    if dist_info.is_master:
+        csv_path = os.path.join(run_dir, f"base_eval_step{step:06d}.csv")
+        with open(csv_path + ".tmp", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["metric", "value", "centered"])
+            writer.writerows(rows)
+        os.replace(csv_path + ".tmp", csv_path)
+        print0(f"wrote {csv_path}")
+        if args.run != "dummy":
+            import wandb
+            with wandb.init(project="nanochat", name=f"{args.run}-eval", config={"step": step, **meta["args"]}) as wb:
+                wb.log({f"eval/{metric}": value for metric, value, _ in rows} | {"step": step})
+    cleanup_dist()
+    return dict((metric, value) for metric, value, _ in rows)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
+        raise SystemExit(f"base_eval: {e}") from None

@@ -1,0 +1,128 @@
+"""base_train end to end on CPU: exact resume at world size 1 and 2, fp16 inf-skip agreement, GC switch, bad input."""
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from nanochat.report import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
+        "--compile", "0", "--eval-every", "-1", "--eval-tokens", "512", "--core-metric-every", "0",
+        "--sample-every", "0", "--warmup-steps", "2", "--total-batch-size", "512"]
+
+
+def run(args, base_dir, nproc=1, env_extra=None, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_DTYPE")}
+    env.update({"NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env_extra or {})})
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    result = subprocess.run(launcher + ["-m", "scripts.base_train", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(run_dir, "log.jsonl")) if "train/loss" in r}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_is_bit_identical(nproc, tmp_path, tokenizer_dir, corpus_dir):
+    """N steps + save + resume + M steps == N+M straight: same per-step losses, same final weights."""
+    common = TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--num-iterations", "6",
+                     "--total-batch-size", str(4 * 64 * nproc * 2)]  # 2 micro-steps of accumulation
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(common + ["--run-dir", str(straight), "--save-every", "3"], tmp_path, nproc)
+    # the resumed run starts from a copy of the straight run's step-3 checkpoint
+    shutil.copytree(straight / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
+    out = run(common + ["--run-dir", str(resumed), "--save-every", "3", "--resume-from-step", "latest"], tmp_path, nproc)
+    assert "resumed from" in out.stdout
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [4, 5, 6]
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+    assert a[6] < a[1]  # and it learned something
+    wa = load_file(straight / "checkpoints" / "step_000006" / "model.safetensors")
+    wb = load_file(resumed / "checkpoints" / "step_000006" / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_fp16_inf_on_one_rank_skips_on_both(tmp_path):
+    worker = os.path.join(REPO, "tests", "dist_inf_skip_worker.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker],
+                            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("skipped=[False, True, False] equal_across_ranks=True") == 2
+
+
+def test_gc_is_frozen_and_disabled_after_first_step():
+    from scripts.base_train import manage_gc
+    assert gc.isenabled()
+    try:
+        manage_gc(1)
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_resolved_table_and_jsonl(tmp_path, tokenizer_dir, corpus_dir):
+    out = run(TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--num-iterations", "3",
+                      "--run-dir", str(tmp_path / "r"), "--save-every", "0", "--eval-every", "2"], tmp_path)
+    assert "resolved hyperparameters" in out.stdout and "total_batch_tokens" in out.stdout
+    records = read_jsonl(tmp_path / "r" / "log.jsonl")
+    keys = {"step", "train/loss", "train/lrm", "train/dt", "train/tok_per_sec", "train/mfu", "total_training_flops",
+            "total_training_time", "train/crop_fraction", "train/dt_data", "train/dt_optim"}
+    assert keys <= set(records[1])
+    assert [r["step"] for r in records if "val/bpb" in r] == [0, 2, 3]
+    info = json.load(open(tmp_path / "r" / "run.json"))
+    assert info["data_signature"]["sequence_len"] == 64 and info["data_signature"]["packing"] == "best-fit-bos"
+    assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
+BAD_INPUTS = [
+    (["--depth", "0"], "--depth must be a positive integer"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--total-batch-size", "1000"], "not divisible by device-batch-size"),
+    (["--fp8", "--compile", "0"], "--fp8 needs --compile 1"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_flags_fail_clearly(extra, message, tmp_path, tokenizer_dir, corpus_dir):
+    out = run(TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--num-iterations", "2",
+                      "--run-dir", str(tmp_path / "r")] + extra, tmp_path, check=False)
+    assert out.returncode != 0 and message in out.stderr + out.stdout
+
+
+def test_missing_tokenizer_and_data_fail_clearly(tmp_path, tokenizer_dir, corpus_dir):
+    out = run(TINY + ["--data-dir", corpus_dir, "--tokenizer-dir", str(tmp_path / "nope")], tmp_path, check=False)
+    assert out.returncode != 0 and "scripts.tok_train" in out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = run(TINY + ["--data-dir", str(empty), "--tokenizer-dir", tokenizer_dir], tmp_path, check=False)
+    assert out.returncode != 0 and str(empty) in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_checkpoints_fail_clearly_and_keep_the_good_one(tmp_path, tokenizer_dir, corpus_dir):
+    common = TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--run-dir", str(tmp_path / "r")]
+    run(common + ["--num-iterations", "2"], tmp_path)
+    good = tmp_path / "r" / "checkpoints" / "step_000002"
+    before = {name: (good / name).read_bytes() for name in os.listdir(good)}
+    # another shape
+    out = run(common + ["--num-iterations", "4", "--depth", "3", "--resume-from-step", "2"], tmp_path, check=False)
+    assert out.returncode != 0 and "--depth" in out.stderr and "Traceback" not in out.stderr
+    # a truncated checkpoint
+    broken = tmp_path / "r" / "checkpoints" / "step_000003"
+    shutil.copytree(good, broken)
+    (broken / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:1000])
+    out = run(common + ["--num-iterations", "4", "--resume-from-step", "3"], tmp_path, check=False)
+    assert out.returncode != 0 and "truncated" in out.stderr and "Traceback" not in out.stderr
+    assert {name: (good / name).read_bytes() for name in os.listdir(good)} == before

@@ -1,0 +1,173 @@
+"""The GPT: shapes from depth, causality, window patterns, the fused loss, counts, precision, learning."""
+
+import pytest
+import torch
+
+import nanochat.gpt as gpt
+from nanochat.attention import naive_attention
+from nanochat.gpt import GPT, GPTConfig, fused_head_cross_entropy, plain_cross_entropy
+
+
+def build(config, compute_dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype=compute_dtype)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+def small_config(**overrides):
+    fields = dict(vocab_size=500, sequence_len=64, head_dim=64, short_window=16, window_pattern="SL")
+    return GPTConfig.from_depth(2, **{**fields, **overrides})
+
+
+def perturb_weights(model, seed=1):
+    """init_weights zeroes the output projections; give every weight some signal for sharper tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("depth,width,heads", [(4, 256, 2), (12, 768, 6), (20, 1280, 10), (24, 1536, 12), (26, 1664, 13)])
+def test_from_depth_shapes(depth, width, heads):
+    cfg = GPTConfig.from_depth(depth)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_dim) == (depth, width, heads, 128)
+    assert cfg.window_sizes()[-1] == cfg.sequence_len
+    assert cfg.window_sizes()[:4] == [512, 512, 512, 2048]
+
+
+def test_tiny_depths_and_head_dim():
+    assert GPTConfig.from_depth(1).n_embd == 128
+    cfg = GPTConfig.from_depth(2, head_dim=32)
+    assert (cfg.n_embd, cfg.n_head) == (128, 4)
+    with pytest.raises(ValueError, match="depth"):
+        GPTConfig.from_depth(0)
+    with pytest.raises(ValueError, match="window_pattern"):
+        GPTConfig.from_depth(2, window_pattern="SXL")
+
+
+def test_value_embeds_alternate_and_include_last():
+    cfg = GPTConfig.from_depth(5)
+    assert [cfg.has_value_embed(i) for i in range(5)] == [True, False, True, False, True]
+
+
+def test_counts_and_flops_by_hand():
+    model = build(small_config())  # d2, width 128, 2 heads of 64, vocab 500 -> 512, windows [16, 64]
+    per_block = 4 * 128 * 128 + 2 * 128 * 512
+    ve_gate = 32 * 2  # only the last layer has a value embedding (and its gate)
+    counts = model.num_params_by_kind()
+    assert counts == {"wte": 512 * 128, "value_embeds": 512 * 128, "matrices": 2 * per_block + ve_gate,
+                      "lm_head": 512 * 128, "scalars": 4}
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert model.num_scaling_params() == 2 * per_block + ve_gate + 512 * 128
+    assert model.estimate_flops() == 6 * (2 * per_block + ve_gate + 512 * 128) + 12 * 2 * 64 * (16 + 64)
+
+
+def test_meta_construction_d12():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(12))
+    assert model.config.n_embd == 768 and model.config.n_head == 6
+    assert model.estimate_flops() > 6 * model.num_scaling_params()
+
+
+def test_causality():
+    model = build(small_config())
+    perturb_weights(model)
+    idx = torch.randint(0, 500, (2, 64))
+    idx2 = idx.clone()
+    idx2[:, 40:] = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        a, b = model(idx), model(idx2)
+    assert torch.equal(a[:, :40], b[:, :40])
+    assert not torch.allclose(a[:, 40:], b[:, 40:])
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL", "SSSL", "LSLS"])
+def test_window_patterns_match_naive_attention(pattern, monkeypatch):
+    model = build(small_config(window_pattern=pattern, short_window=8))
+    perturb_weights(model)
+    idx = torch.randint(0, 500, (2, 64))
+    with torch.no_grad():
+        fast = model(idx)
+        monkeypatch.setattr(gpt, "attention", naive_attention)
+        slow = model(idx)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_loss_equals_plain(dtype, tol, reduction, monkeypatch):
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 150 * 128)  # 128-row chunks: 1000 rows -> 8 chunks
+    torch.manual_seed(0)
+    x = torch.randn(1000, 32).to(dtype).requires_grad_()
+    w = (torch.randn(192, 32) * 0.5).requires_grad_()  # padded vocab 192, real vocab 150
+    t = torch.randint(0, 150, (1000,))
+    t[::7] = -1
+    fused = fused_head_cross_entropy(x, w, t, 150, 15.0, reduction)
+    gx, gw = torch.autograd.grad(fused, (x, w))
+    plain = plain_cross_entropy(x, w, t, 150, 15.0, reduction)
+    px, pw = torch.autograd.grad(plain, (x, w))
+    torch.testing.assert_close(fused, plain, rtol=tol, atol=0)
+    assert gx.dtype == dtype and gw.dtype == torch.float32
+    assert (gw[150:] == 0).all()  # padded vocab rows never get gradient
+    for g, p in ((gx, px), (gw, pw)):
+        assert (g.float() - p.float()).norm() <= tol * p.float().norm()
+
+
+def test_per_token_losses_match_plain():
+    model = build(small_config())
+    perturb_weights(model)
+    idx, tgt = torch.randint(0, 500, (2, 64)), torch.randint(0, 500, (2, 64))
+    tgt[0, :10] = -1
+    with torch.no_grad():
+        per_token = model(idx, tgt, loss_reduction="none")
+        logits = model(idx)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-1, reduction="none")
+    assert per_token.shape == (2, 64)
+    torch.testing.assert_close(per_token.flatten(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(idx, tgt), per_token.sum() / (tgt >= 0).sum(), rtol=1e-5, atol=0)
+
+
+def test_bf16_forward_agrees_with_fp32():
+    cfg = small_config()
+    fp32, bf16 = build(cfg, torch.float32), build(cfg, torch.bfloat16)
+    perturb_weights(fp32), perturb_weights(bf16)
+    idx, tgt = torch.randint(0, 500, (2, 64)), torch.randint(0, 500, (2, 64))
+    with torch.no_grad():
+        a, b = fp32(idx), bf16(idx)
+        la, lb = fp32(idx, tgt), bf16(idx, tgt)
+    assert b.dtype == torch.float32  # logits are always fp32
+    assert (a - b).norm() / a.norm() < 2e-2
+    assert abs(la - lb) / la < 1e-2
+
+
+def test_overfits_one_batch():
+    model = build(small_config())
+    idx = torch.randint(0, 500, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(50):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 5.5  # ~ln(500) at init
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_sequence_too_long_is_an_error():
+    model = build(small_config())
+    with pytest.raises(ValueError, match="sequence_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_generate_greedy_is_deterministic():
+    model = build(small_config())
+    perturb_weights(model)
+    a = list(model.generate([1, 2, 3], 8))
+    b = list(model.generate([1, 2, 3], 8))
+    assert a == b and len(a) == 8 and all(0 <= t < 500 for t in a)
