@@ -375,7 +375,7 @@ class GPT(nn.Module):
           beta1 0.9 (NOTES: a plateau at beta1 0.90-0.96, a cliff at 0.98: take the safe end).
         compiled: torch.compile the update functions (one cold compile per parameter shape).
         """
-        from nanochat.optim import MuonAdamW  # imported on use: the model itself never needs the optimizer
+        from nanochat.optim import MuonAdamW, default_orth_dtype  # imported on use: the model itself never needs the optimizer
 
         width_lr_scale = (self.config.n_embd / 768) ** -0.5
         matrices = list(self.blocks.parameters())
@@ -393,4 +393,4 @@ class GPT(nn.Module):
         if len(grouped) != len(list(self.parameters())) or set(grouped) != set(self.parameters()):
             raise RuntimeError("setup_optimizer: a parameter of GPT is missing from the optimizer groups "
                                "(or in two): give any new parameter a group here")
-        return MuonAdamW(groups, compiled=compiled)
+        return MuonAdamW(groups, compiled=compiled, orth_dtype=default_orth_dtype(self.compute_dtype))

@@ -59,8 +59,8 @@ SHARD_MIN_NUMEL = 4096
 # torch 2.13 renamed the two tensor collectives (the old names warn); torch >= 2.9 has the old ones.
 # Both work on gloo (CPU, checked with torchrun on 2 ranks) and nccl, including ReduceOp.AVG and an
 # in-place all-gather whose input is this rank's slice of the output.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def default_orth_dtype(compute_dtype=COMPUTE_DTYPE):
@@ -247,7 +247,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if W == 1:
                 return [(stacked, None)]
             mine = stacked.new_empty(stacked.shape[0] // W, *stacked.shape[1:])
-            return [(mine, _reduce_scatter(mine, stacked, op=avg, async_op=True))]
+            return [(mine, reduce_scatter_single(mine, stacked, op=avg, async_op=True))]
         out = []
         for p, g in zip(group["params"], grads):
             if W == 1:
@@ -257,7 +257,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 out.append((g, dist.all_reduce(g, op=avg, async_op=True)))
             else:
                 mine = g.new_empty(g.shape[0] // W, *g.shape[1:])
-                out.append((mine, _reduce_scatter(mine, g, op=avg, async_op=True)))
+                out.append((mine, reduce_scatter_single(mine, g, op=avg, async_op=True)))
         return out
 
     def _update_group(self, group, reduced):
@@ -283,7 +283,7 @@ class MuonAdamW(torch.optim.Optimizer):
         gathered, gather = stacked, None
         if W > 1:
             gathered = stacked.new_empty(W * chunk, rows, cols)
-            gather = _all_gather(gathered, stacked, async_op=True)
+            gather = all_gather_single(gathered, stacked, async_op=True)
 
         def finish():
             if gather is not None:
@@ -303,7 +303,7 @@ class MuonAdamW(torch.optim.Optimizer):
             self._adamw_update(target, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                                group["weight_decay"], group["beta1"], group["beta2"], group["eps"], group["cautious"])
             if span is not None:  # in-place all-gather: this rank's rows are already in place in p
-                gathers.append(_all_gather(p.data, target, async_op=True))
+                gathers.append(all_gather_single(p.data, target, async_op=True))
         def finish():
             for work in gathers:
                 work.wait()

@@ -233,17 +233,24 @@ def data_signature(args, tokenizer, val_files, eval_tokens):
     }
 
 
-def warm_up(compiled, model, args, device, scaler):
-    """One dummy train forward/backward and one eval forward (FP8 off, as eval runs it) on every rank, then a barrier.
+def warm_up(compiled, model, optimizer, args, device, scaler):
+    """Compile everything the loop runs, on every rank, before the first real step; then a barrier.
 
-    Compiles both graphs up front, so no rank reaches the first collective with a cold compile
-    cache while the others wait (NOTES: the watchdog then kills multi-node jobs).
+    A train forward/backward, an eval forward (FP8 off, as eval runs it) and one optimizer step
+    at lr 0 on zero gradients (it compiles the update functions and runs every collective once),
+    after which the optimizer state is restored exactly. No rank then reaches a collective with a
+    cold compile cache while the others wait (NOTES: the watchdog kills multi-node jobs that do).
     """
     idx = torch.zeros(args.device_batch_size, args.max_seq_len, dtype=torch.long, device=device)
     scaler.scale_loss(compiled(idx, idx)).backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad(), disable_fp8(model):
         compiled(idx, idx, loss_reduction="none")
+    saved = optimizer.state_dict()
+    saved["state"] = {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()}
+    optimizer.update_hparams(lr_multiplier=0.0)  # p - 0 * update == p exactly (the update is finite: zero grads)
+    optimizer.step()
+    optimizer.load_state_dict(saved)
     if dist.is_initialized():
         dist.barrier()
 
@@ -314,7 +321,7 @@ def main(argv=None):
     log = RunLog(run_dir, run_name, run_info, use_wandb=args.run != "dummy",
                  resume_step=loop["step"] if args.resume_from_step else None, enabled=master)
 
-    warm_up(compiled, model, args, device, scaler)
+    warm_up(compiled, model, optimizer, args, device, scaler)
     token_bytes = tokenizer.token_bytes().to(device)
     num_iterations, grad_accum = hp["num_iterations"], hp["grad_accum_steps"]
     flops_per_token, total_batch = hp["flops_per_token"], hp["total_batch_tokens"]

@@ -303,7 +303,7 @@ def format_verdict_table(runs, verdicts, noise_sigmas=NOISE_SIGMAS):
     labels = [r.label for r in runs]
     width = max(10, *(len(label) for label in labels))
     sigmas = {r.label: eval_noise(*curve(r.records, "step")) for r in runs}
-    lines = [f"val/bpb at matched budget (interpolated; lower is better). noise sigma per eval: "
+    lines = ["val/bpb at matched budget (interpolated; lower is better). noise sigma per eval: "
              + ", ".join(f"{label} {'n/a' if s is None else f'{s:.4f}'}" for label, s in sigmas.items())
              + f"; a lead counts if > {noise_sigmas:g} x sqrt(sigma_best^2 + sigma_next^2)",
              f"{'axis':<6} {'budget':>12}  " + "  ".join(f"{label:>{width}}" for label in labels)

@@ -50,7 +50,7 @@ from nanochat.dataset import (LAST_SHARD_INDEX, DataError, check_hub_reachable, 
 from nanochat.fp8 import Float8Linear, convert_to_fp8, fp8_supported
 from nanochat.gpt import GPT, GPTConfig, Linear
 from nanochat.loss_scale import DynamicLossScaler
-from nanochat.optim import _all_gather, _reduce_scatter
+from nanochat.optim import all_gather_single, reduce_scatter_single
 from nanochat.report import MFU_HEALTHY, diagnose_low_mfu, model_flops_utilization
 from nanochat.tokenizer import get_tokenizer
 from scripts import base_train
@@ -394,15 +394,15 @@ def check_collectives(device):
                               numel * 4, 2 * (n - 1) / n, device))
 
     full, out = pattern * (rank + 1), torch.empty(chunk, device=device)
-    _reduce_scatter(out, full, op=avg)
+    reduce_scatter_single(out, full, op=avg)
     error = max_rel_err(out, pattern[rank * chunk:(rank + 1) * chunk] * mean_factor)
-    rows.append(bandwidth_row("reduce_scatter", error, time_collective(lambda: _reduce_scatter(out, full, op=avg), device),
+    rows.append(bandwidth_row("reduce_scatter", error, time_collective(lambda: reduce_scatter_single(out, full, op=avg), device),
                               numel * 4, (n - 1) / n, device))
 
     mine, gathered = pattern[:chunk] + rank, torch.empty(numel, device=device)
-    _all_gather(gathered, mine)
+    all_gather_single(gathered, mine)
     error = max_rel_err(gathered.view(n, chunk), pattern[:chunk] + torch.arange(n, device=device)[:, None])
-    rows.append(bandwidth_row("all_gather", error, time_collective(lambda: _all_gather(gathered, mine), device),
+    rows.append(bandwidth_row("all_gather", error, time_collective(lambda: all_gather_single(gathered, mine), device),
                               numel * 4, (n - 1) / n, device))
     return rows
 

@@ -126,3 +126,24 @@ def test_bad_checkpoints_fail_clearly_and_keep_the_good_one(tmp_path, tokenizer_
     out = run(common + ["--num-iterations", "4", "--resume-from-step", "3"], tmp_path, check=False)
     assert out.returncode != 0 and "truncated" in out.stderr and "Traceback" not in out.stderr
     assert {name: (good / name).read_bytes() for name in os.listdir(good)} == before
+
+
+def test_warm_up_changes_nothing():
+    """The warm-up (incl. an optimizer step at lr 0) leaves parameters and optimizer state bit-identical."""
+    import torch
+    from nanochat.loss_scale import DynamicLossScaler
+    from scripts import base_train
+    args = base_train.parse_args(TINY + ["--num-iterations", "2"])
+    model = base_train.build_model(args, 256, torch.device("cpu"))
+    hp = base_train.resolve_hyperparameters(args, model, 1)
+    optimizer = base_train.build_optimizer(model, hp, args)
+    scaler = DynamicLossScaler(enabled=False)
+    batches = iter(lambda: (torch.randint(0, 256, (4, 64)),) * 2, None)
+    base_train.train_step(model, model, optimizer, scaler, batches, 1)  # non-trivial optimizer state
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+    base_train.warm_up(model, model, optimizer, args, torch.device("cpu"), scaler)
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(v, after[i][k]) for i, s in state.items() for k, v in s.items())
+    assert all(g["lr"].item() == pytest.approx(g["initial_lr"]) for g in optimizer.param_groups)

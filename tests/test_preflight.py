@@ -128,12 +128,12 @@ def one_rank_group(tmp_path):
 
 def test_corrupted_collective_fails(one_rank_group, monkeypatch):
     assert [r.status for r in preflight.check_collectives(CPU)] == [PASS, PASS, PASS]
-    gather = preflight._all_gather
+    gather = preflight.all_gather_single
 
     def off_by_one(out, inp):
         gather(out, inp)
         out[-1] += 1
-    monkeypatch.setattr(preflight, "_all_gather", off_by_one)
+    monkeypatch.setattr(preflight, "all_gather_single", off_by_one)
     rows = {r.check: r for r in preflight.check_collectives(CPU)}
     assert rows["all_gather"].status == FAIL and "NCCL_DEBUG=INFO" in rows["all_gather"].message
     assert rows["all_reduce"].status == PASS
