@@ -59,10 +59,10 @@ if [ "$PRESET" = gpu ]; then
     stage tok-train python -m scripts.tok_train --data-dir "$DATA_DIR" --vocab-size 32768 --max-chars 2000000000
     stage tok-eval python -m scripts.tok_eval --data-dir "$DATA_DIR"
     stage data-wait wait $DOWNLOAD_PID
-    stage base-train torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_train \
+    stage base-train torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_train -- \
         --depth 24 --target-param-data-ratio 8.5 --fp8 --device-batch-size 16 --data-dir "$DATA_DIR" \
         --run "$WANDB_RUN" --run-dir "$RUN_DIR" --core-metric-every 2000 --save-every 2000
-    stage base-eval torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_eval \
+    stage base-eval torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_eval -- \
         --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" --device-batch-size 16 --run "$WANDB_RUN"
 else
     # ---- the CPU preset: the bundled public-domain sample, a d4 model at T=256, the bundled mini
@@ -74,15 +74,17 @@ else
     export NANOCHAT_DTYPE=${NANOCHAT_DTYPE:-bfloat16}  # measured winner on a CPU with native bf16 (dev/LOG.md)
     stage tok-train python -m scripts.tok_train --data-dir "$DATA_DIR" --vocab-size 4096 --output-dir "$PRESET_DIR/tokenizer"
     stage tok-eval python -m scripts.tok_eval --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer"
-    stage base-train python -m scripts.base_train \
-        --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 8192 --num-iterations 400 \
-        --warmup-steps 20 --matrix-lr 0.02 --embedding-lr 0.3 --unembedding-lr 0.004 \
-        --eval-every 100 --eval-tokens 65536 --core-metric-every -1 --core-metric-max-per-task -1 \
-        --eval-bundle data/eval_bundle_mini --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer" \
+    stage base-train python -m scripts.base_train -- \
+        --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 300 \
+        --warmup-steps 20 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.016 --scalar-lr 2.0 \
+        --eval-every 50 --eval-tokens 65536 --core-metric-every 0 --sample-every 0 \
+        --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer" \
         --run "$WANDB_RUN" --run-dir "$RUN_DIR" --save-every -1
     stage base-eval python -m scripts.base_eval --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" \
         --tokenizer-dir "$PRESET_DIR/tokenizer" --eval-bundle data/eval_bundle_mini --device-batch-size 16 \
         --bpb-tokens 65536 --run "$WANDB_RUN"
 fi
 echo
+CSV=$(ls -t "$RUN_DIR"/base_eval_step*.csv | head -1)
+echo "final: $(grep -E '^(val_bpb|core_metric),' "$CSV" | tr '\n' ' ')(from $CSV)"
 echo "speedrun.sh ($PRESET) finished in $(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s"

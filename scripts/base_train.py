@@ -1,12 +1,13 @@
 """Pretrain a GPT from raw text: the training loop, and the one place where modules are wired together.
 
 One process:   python -m scripts.base_train --depth 4 --max-seq-len 256 --device-batch-size 8
-Many:          torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 24 --fp8
-Multi-node:    torchrun --nnodes=N --node_rank=R --rdzv-endpoint=HOST:PORT --nproc_per_node=8 -m scripts.base_train ...
+Many:          torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth 24 --fp8 --run NAME
+Multi-node:    torchrun --nnodes=N --node_rank=R --rdzv-endpoint=HOST:PORT --nproc_per_node=8 -m scripts.base_train -- ...
 
 `--depth` sets the model; the scaling laws in nanochat/scaling.py set the horizon, batch size,
 learning rates and weight decay from it, and every one of them can be overridden by a flag.
-The resolved table is printed at start.
+The resolved table is printed at start. (The `--` stops torchrun from parsing the script's flags:
+it would read `--run` as its own `--run-path`.)
 """
 
 import argparse

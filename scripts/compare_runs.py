@@ -205,7 +205,7 @@ def compare_axis(runs, x_key, noise_sigmas=NOISE_SIGMAS):
     if sigmas[best] is not None and sigmas[runner_up] is not None:
         verdict["gap_noise"] = noise_sigmas * math.hypot(sigmas[best], sigmas[runner_up])
         verdict["beyond_noise"] = gap > verdict["gap_noise"]
-    verdict["winner"] = best if verdict["beyond_noise"] is not False else None
+    verdict["winner"] = best if verdict["beyond_noise"] else None  # unknown noise is no win
     reached = first_reach(*curves[best], bpb[runner_up])
     if reached is not None and budget > 0:
         verdict["budget_ratio"] = reached / budget
@@ -217,9 +217,12 @@ def overall_verdict(verdicts):
     winners = [v["winner"] for v in verdicts]
     summary = ", ".join(f"{v['axis']}: {v['winner'] or 'tie'}" for v in verdicts)
     if winners and winners[0] is not None and all(w == winners[0] for w in winners):
-        unsure = [v["axis"] for v in verdicts if v["beyond_noise"] is None]
-        caveat = f" (noise unknown on {', '.join(unsure)}: too few evals)" if unsure else ""
-        return f"overall: {winners[0]} WINS on all three axes{caveat}"
+        return f"overall: {winners[0]} WINS on all three axes"
+    unsure = [v["axis"] for v in verdicts if v["beyond_noise"] is None and v["best"] is not None]
+    leaders = {v["best"] for v in verdicts}
+    if unsure and len(leaders) == 1 and None not in leaders:
+        return (f"overall: {leaders.pop()} is lower on all three axes, but the eval noise is unknown on "
+                f"{', '.join(unsure)} (too few evals): no verdict — evaluate more often (--eval-every)")
     line = f"overall: no run wins on all three axes ({summary})"
     # a pure speed-up ties per step and per FLOP: say so, without calling it a win
     for label in dict.fromkeys(w for w in winners if w):
@@ -317,7 +320,7 @@ def format_verdict_table(runs, verdicts, noise_sigmas=NOISE_SIGMAS):
         if v["beyond_noise"] is False:
             text = f"tie: {v['best']} lower by {v['gap']:.4f}, within noise"
         else:
-            text = f"{v['best']} wins" + (" (noise unknown)" if v["beyond_noise"] is None else "")
+            text = f"{v['best']} lower (noise unknown: too few evals)" if v["beyond_noise"] is None else f"{v['best']} wins"
             if v["budget_ratio"] is not None:
                 text += f"; reaches {v['runner_up']}'s bpb at {v['budget_ratio']:.2f}x the {v['axis']} budget"
         lines.append(f"{v['axis']:<6} {format_number(v['budget'], v['x_key']):>12}  {cells}  "

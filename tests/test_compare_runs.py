@@ -198,3 +198,13 @@ def test_mfu_health_on_cpu_reports_the_measured_peak_without_gpu_diagnosis(tmp_p
     health = mfu_health(load_run(write_run(tmp_path / "A", steps=50, mfu=0.1, data_s=0.5)))
     assert health["diagnosis"] == "" and health["mfu"] == pytest.approx(0.1)
     assert "measured CPU float32 matmul peak 1.8e+11" in format_mfu_health(health)
+
+
+def test_too_few_evals_is_no_verdict(tmp_path):
+    """A lead without a noise estimate (3 evals) is reported, never called a win."""
+    a = write_run(tmp_path / "A", offset=-0.05, steps=100, eval_every=50, seed=1)
+    b = write_run(tmp_path / "B", steps=100, eval_every=50, seed=2)
+    verdicts = verdicts_for(a, b)
+    assert all(v["best"] == "A" and v["beyond_noise"] is None and v["winner"] is None for v in verdicts)
+    line = overall_verdict(verdicts)
+    assert "no verdict" in line and "WINS" not in line
