@@ -47,7 +47,7 @@ from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, 
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (LAST_SHARD_INDEX, DataError, check_hub_reachable, list_parquet_files, list_row_groups,
                               read_row_group, resolve_data_dir, shard_filename, split_files)
-from nanochat.fp8 import Float8Linear, convert_to_fp8, fp8_supported
+from nanochat.fp8 import FP8_REL_TOL, Float8Linear, convert_to_fp8, fp8_supported, relative_errors_vs_bf16
 from nanochat.gpt import GPT, GPTConfig, Linear
 from nanochat.loss_scale import DynamicLossScaler
 from nanochat.optim import all_gather_single, reduce_scatter_single
@@ -65,7 +65,6 @@ Row = namedtuple("Row", "check status message")
 ATTN_REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 ATTN_CHECK_HEADS = 4  # heads are independent: a few of them exercise the kernel as well as all
 # Float8Linear vs bf16 Linear, relative error: measured 0.037 (out), 0.059 (grads), dev/LOG.md FP8 entry
-FP8_REL_TOL = {"out": 0.05, "grad_x": 0.08, "grad_w": 0.08}
 FP8_CHECK_SHAPE = {"cuda": (2048, None), "cpu": (256, 256)}  # (rows, max in_features); None: the model's width
 COMM_BYTES = {"cuda": 2**30, "cpu": 2**22}  # nccl-tests busbw is near its plateau at 1 GiB on NVLink
 COMM_ITERS = {"cuda": (5, 20), "cpu": (1, 5)}  # (untimed, timed)
@@ -289,14 +288,6 @@ def check_attention_windows(device, dtype, config):
 # -----------------------------------------------------------------------------
 # fp8
 
-def run_layer(layer, x, grad_out):
-    x = x.detach().clone().requires_grad_()
-    layer.weight.grad = None
-    out = layer(x)
-    out.backward(grad_out)
-    return out.detach(), x.grad, layer.weight.grad.clone()
-
-
 def check_fp8(device, enabled, width):
     if not enabled:
         return [Row("fp8", SKIP, "--fp8 not set")]
@@ -312,9 +303,7 @@ def check_fp8(device, enabled, width):
         linear.weight.uniform_(-(3 / K) ** 0.5, (3 / K) ** 0.5)  # the GPT's init
     x = torch.randn(rows_n, K, device=device, dtype=torch.bfloat16)
     grad_out = torch.randn(rows_n, N, device=device, dtype=torch.bfloat16)
-    ref = run_layer(linear, x, grad_out)
-    got = run_layer(Float8Linear.from_linear(linear), x, grad_out)
-    errors = {name: rel_err(g, r) for name, g, r in zip(FP8_REL_TOL, got, ref)}
+    errors = relative_errors_vs_bf16(linear, x, grad_out)
     detail = f"Float8Linear vs bf16 Linear ({K}->{N}, {rows_n} rows): " + ", ".join(
         f"{name} {err:.3f} (tol {FP8_REL_TOL[name]})" for name, err in errors.items())
     if not all(errors[name] <= tol for name, tol in FP8_REL_TOL.items()):

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.fp8 import Float8Linear, convert_to_fp8, default_fp8_filter, disable_fp8, fp8_supported
+from nanochat.fp8 import (FP8_REL_TOL, Float8Linear, convert_to_fp8, default_fp8_filter, disable_fp8, fp8_supported,
+                          relative_errors_vs_bf16)
 from nanochat.gpt import GPT, GPTConfig, Linear
 
-FWD_TOL = 0.05  # x and w both e4m3
-GRAD_TOL = 0.08  # e5m2 output gradient times an e4m3 operand
+FWD_TOL = FP8_REL_TOL["out"]
+GRAD_TOL = FP8_REL_TOL["grad_x"]
 FP8_NOISE_FLOOR = 0.01  # below this the layer did not really quantize
 
 
@@ -44,24 +45,11 @@ def tiny_gpt(depth=2, seed=0, live_projections=False):
     return model
 
 
-def run_layer(layer, x, grad_out):
-    """(output, grad of x, grad of weight) of one forward/backward through layer."""
-    x = x.detach().clone().requires_grad_()
-    layer.weight.grad = None
-    out = layer(x)
-    out.backward(grad_out)
-    return out.detach(), x.grad, layer.weight.grad.clone()
-
-
 def fp8_errors(weight, x, grad_out):
     """Relative errors of Float8Linear vs the bf16 Linear (same weight) for out, grad_x, grad_w."""
     linear = Linear(weight.size(1), weight.size(0))
     linear.weight = nn.Parameter(weight.detach().clone().float())
-    ref = run_layer(linear, x, grad_out)
-    got = run_layer(Float8Linear.from_linear(linear), x, grad_out)
-    for r, g in zip(ref, got):
-        assert g.dtype == r.dtype and g.shape == r.shape
-    return dict(zip(("out", "grad_x", "grad_w"), (rel_err(g, r) for g, r in zip(got, ref))))
+    return relative_errors_vs_bf16(linear, x, grad_out)
 
 
 def assert_fp8_close(errors):
