@@ -6,7 +6,7 @@ each query sees, itself included: query i attends to keys j with i - window < j 
 window >= T is plain causal attention.
 
 Backends:
-- FA3 (`flash_attn_interface`, or FA2's `flash_attn` module) when the tensors are on a
+- FA3 (`flash_attn_interface`, the HF `kernels` hub build, or FA2's `flash_attn`) when the tensors are on a
   CUDA Hopper GPU (SM 9.x) in bf16/fp16 and the module imports. Sliding windows are native
   there and really skip the masked blocks.
 - PyTorch SDPA everywhere else: plain `is_causal` for full windows, and a boolean band mask
@@ -31,16 +31,22 @@ def _flash_module():
 
 
 def _import_flash():
+    """Only called on a CUDA Hopper GPU in bf16/fp16 (see select_backend)."""
     try:
-        import flash_attn_interface  # FA3 (Hopper build of flash-attention)
+        import flash_attn_interface  # FA3 built from flash-attention's hopper/ directory
         return flash_attn_interface, "flash_attn_interface (FA3)"
     except ImportError:
+        pass
+    try:
+        from kernels import get_kernel  # prebuilt FA3 from the HF hub (pip install kernels): no CUDA build
+        return get_kernel("kernels-community/flash-attn3"), "kernels-community/flash-attn3 (FA3 via kernels)"
+    except Exception:  # not installed, offline, or no build for this torch/CUDA: fall through
         pass
     try:
         import flash_attn  # FA2 build; also has flash_attn_func(..., window_size=)
         return flash_attn, "flash_attn (FA2)"
     except ImportError:
-        return None, "flash-attn is not installed (pip install 'nanochat[gpu]')"
+        return None, "no FlashAttention: pip install kernels (prebuilt FA3) or 'nanochat[gpu]'"
 
 
 @torch.compiler.assume_constant_result

@@ -14,8 +14,9 @@ _pip="$_root/.venv/bin/python -m pip install -q --disable-pip-version-check"
 if [ "$_want" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     $_pip "torch==2.13.0"
     $_pip -e "$_root[dev]"
-    # FlashAttention builds from source against CUDA; without it attention falls back to SDPA
-    $_pip "flash-attn" --no-build-isolation || echo "setup_venv: flash-attn did not install; attention will use SDPA"
+    # prebuilt FA3 kernels fetched from the HF hub at first use (a source build of flash-attn takes
+    # an hour); without them attention falls back to SDPA, and base_train/preflight say so
+    $_pip "kernels" || echo "setup_venv: 'kernels' did not install; attention will use SDPA"
 else
     $_pip "torch==2.13.0+cpu" 2>/dev/null || $_pip "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     $_pip -e "$_root[dev]"
