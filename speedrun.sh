@@ -74,7 +74,7 @@ else
     export NANOCHAT_DTYPE=${NANOCHAT_DTYPE:-bfloat16}  # measured winner on a CPU with native bf16 (dev/LOG.md)
     stage tok-train python -m scripts.tok_train --data-dir "$DATA_DIR" --vocab-size 4096 --output-dir "$PRESET_DIR/tokenizer"
     stage tok-eval python -m scripts.tok_eval --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer"
-    stage base-train python -m scripts.base_train -- \
+    stage base-train python -m scripts.base_train \
         --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 300 \
         --warmup-steps 20 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.016 --scalar-lr 2.0 \
         --eval-every 50 --eval-tokens 65536 --core-metric-every 0 --sample-every 0 \
