@@ -86,5 +86,6 @@ else
 fi
 echo
 CSV=$(ls -t "$RUN_DIR"/base_eval_step*.csv | head -1)
-echo "final: $(grep -E '^(val_bpb|core_metric),' "$CSV" | tr '\n' ' ')(from $CSV)"
+awk -F, '$1 == "val_bpb" {v = $2} $1 == "core_metric" {c = $2} END {printf "final: val bpb %.4f | CORE %.4f\n", v, c}' "$CSV"
+echo "results: $CSV"
 echo "speedrun.sh ($PRESET) finished in $(( (SECONDS - START) / 60 )) min $(( (SECONDS - START) % 60 )) s"
