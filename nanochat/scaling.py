@@ -60,14 +60,14 @@ def weight_decay_for_width(width):
 
 
 def lr_multiplier(step, num_iterations, warmup_steps=40, warmdown_frac=0.65, final_lr_frac=0.05):
-    """Warmup to 1, hold, then linear warmdown over the last warmdown_frac of training to final_lr_frac."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
+    """Warmup to 1, hold, then linear warmdown over the last warmdown_frac of training to final_lr_frac.
+    The two ramps are combined with min(), so a run too short for both (e.g. 50 steps with a
+    40-step warmup) peaks where they cross instead of jumping down from 1 when warmup ends."""
+    warmup = (step + 1) / warmup_steps if warmup_steps > 0 else 1.0
     warmdown_start = num_iterations * (1 - warmdown_frac)
-    if step <= warmdown_start:
-        return 1.0
-    progress = min(1.0, (step - warmdown_start) / (num_iterations - warmdown_start))
-    return 1.0 - progress * (1.0 - final_lr_frac)
+    progress = min(1.0, max(0.0, step - warmdown_start) / max(1e-9, num_iterations - warmdown_start))
+    warmdown = 1.0 - progress * (1.0 - final_lr_frac)
+    return min(1.0, warmup, warmdown)
 
 
 def muon_momentum(step, start=0.85, end=0.97, ramp_steps=400):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from nanochat import scaling
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import default_orth_dtype
@@ -102,16 +103,6 @@ def random_batch(tokens, batch_size, seq_len, generator):
     return rows[:, :-1], rows[:, 1:]
 
 
-def lr_multiplier(step, steps, warmup_steps, warmdown_frac=0.65, final_lr_frac=0.05):
-    """NOTES' schedule: linear warmup, constant, linear warmdown over the last 65% to 5%."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    warmdown_start = steps * (1 - warmdown_frac)
-    if step <= warmdown_start:
-        return 1.0
-    return 1.0 - (step - warmdown_start) / (steps - warmdown_start) * (1 - final_lr_frac)
-
-
 def train_once(args, normuon, seed, train_tokens, val_tokens):
     model = build_model(args.depth, 256, args.seq_len, seed)
     optimizer = model.setup_optimizer(weight_decay=args.weight_decay, compiled=False)
@@ -124,7 +115,7 @@ def train_once(args, normuon, seed, train_tokens, val_tokens):
         x, y = random_batch(train_tokens, args.batch_size, args.seq_len, data_gen)
         loss = model(x, y)
         loss.backward()
-        optimizer.update_hparams(lr_multiplier(step, args.steps, args.warmup_steps),
+        optimizer.update_hparams(scaling.lr_multiplier(step, args.steps, args.warmup_steps),
                                  weight_decay_multiplier=1 - step / args.steps,
                                  muon_momentum=0.85 + 0.1 * min(1.0, step / (args.steps / 3)))
         optimizer.step()

@@ -58,6 +58,14 @@ def test_lr_schedule_shape():
     assert lrm[675] == pytest.approx(1 - 0.5 * 0.95)
 
 
+def test_lr_schedule_short_run_has_no_jump():
+    # 50 steps: the 40-step warmup overlaps the warmdown (starts at 17.5); the peak is where they cross
+    lrm = [scaling.lr_multiplier(s, 50) for s in range(50)]
+    assert max(lrm) < 1.0
+    assert max(abs(a - b) for a, b in zip(lrm, lrm[1:])) < 0.05
+    assert lrm[-1] == pytest.approx(0.05 + 0.95 / 32.5, rel=1e-6)
+
+
 def test_momentum_and_wd_schedules():
     assert scaling.muon_momentum(0) == 0.85
     assert scaling.muon_momentum(200) == pytest.approx(0.91)
