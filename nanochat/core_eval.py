@@ -66,6 +66,10 @@ ITEM_FIELDS = {
 # the bundle: download once, extract safely, parse
 
 
+class BundleError(RuntimeError):
+    """The eval bundle cannot be had (download failed, not a zip): the message says what to pass instead."""
+
+
 def get_eval_bundle(path_or_url=None):
     """The bundle directory (the one holding core.yaml) for a local dir, a local zip, an http(s) URL,
     or None for DEFAULT_BUNDLE_URL. Zips are extracted once into get_base_dir() and reused.
@@ -119,7 +123,7 @@ def _download(url, path):
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as f:
             shutil.copyfileobj(response, f, 1 << 20)
     except (urllib.error.URLError, OSError) as e:  # offline, DNS, refused, timeout, HTTP errors
-        raise RuntimeError(f"could not download the CORE eval bundle from {url} ({e}). Offline? Pass "
+        raise BundleError(f"could not download the CORE eval bundle from {url} ({e}). Offline? Pass "
                            f"--eval-bundle {MINI_BUNDLE_DIR} (a small sample bundle shipped with nanochat) or "
                            "--eval-bundle PATH to a local eval_bundle.zip or its unpacked directory") from None
 
@@ -129,7 +133,7 @@ def _download_and_install(url, target):
         zip_path = os.path.join(tmp, "eval_bundle.zip")
         _download(url, zip_path)
         if not zipfile.is_zipfile(zip_path):
-            raise RuntimeError(f"{url} did not return a zip archive: check the URL, or pass --eval-bundle PATH")
+            raise BundleError(f"{url} did not return a zip archive: check the URL, or pass --eval-bundle PATH")
         _install_zip(zip_path, target)
 
 

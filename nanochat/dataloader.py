@@ -302,6 +302,23 @@ class DataLoader:
             pair = pair.to(self.device, non_blocking=self.pin_memory)
         return pair[0], pair[1]
 
+    def one_pass(self):
+        """This loader's batches while this rank has taken at most one epoch's worth of documents.
+
+        For evaluation: the stream wraps forever, so asking a small validation split for more
+        tokens than it holds would count its documents several times. With packer="greedy"
+        documents are taken in stream order, so no document appears twice; best-fit takes short
+        re-read documents before long buffered ones, so with it this only bounds the repeats.
+        `one_pass_batches` counts the batches it has yielded, for reporting.
+        """
+        documents, self.one_pass_batches = 0, 0
+        for batch in self:
+            documents += self.last_stats["documents"]
+            if documents > self._source.num_documents:
+                return
+            self.one_pass_batches += 1
+            yield batch
+
     def state_dict(self):
         """JSON-serialisable state after the last batch returned (this rank only)."""
         return {**self._config, "position": list(self._state["position"]),

@@ -19,7 +19,10 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, num_steps, token_bytes):
-    """Bits per byte of `model` over `num_steps` (inputs, targets) batches from the iterator `batches`.
+    """Bits per byte of `model` over at most `num_steps` (inputs, targets) batches from the iterator `batches`.
+
+    A stream that ends sooner (e.g. DataLoader.one_pass() over a small validation split) is
+    evaluated whole; one that holds no batch at all is an error.
 
     model(inputs, targets, loss_reduction="none") must return per-token losses in nats (B, T).
     token_bytes: int tensor (vocab_size,), the UTF-8 byte length of each token id, 0 for specials.
@@ -29,8 +32,10 @@ def evaluate_bpb(model, batches, num_steps, token_bytes):
         try:
             inputs, targets = next(batches)
         except StopIteration:
-            raise ValueError(f"the validation stream ran out after {step} of {num_steps} batches: "
-                             "lower the number of eval steps/tokens or give the loader more validation data") from None
+            if step > 0:
+                break
+            raise ValueError("the validation stream holds no batch: give it more validation data "
+                             "(one batch needs batch_size x (seq_len + 1) tokens on every rank)") from None
         if total_nats is None:
             device = targets.device
             token_bytes = token_bytes.to(device)

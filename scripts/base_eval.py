@@ -15,7 +15,7 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, load_meta, load_model_weights, resolve_step, step_dir
 from nanochat.common import cleanup_dist, get_base_dir, init_dist, print0
-from nanochat.core_eval import evaluate_core, get_eval_bundle
+from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, resolve_data_dir
 from nanochat.gpt import GPT, GPTConfig
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE items per task (-1: all)")
     p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
     p.add_argument("--skip-core", action="store_true", help="only bits per byte and samples")
-    p.add_argument("--bpb-tokens", type=int, default=10 * 2**19, help="tokens per split for bits per byte")
+    p.add_argument("--bpb-tokens", type=int, default=10 * 2**19, help="tokens per split for bits per byte (at most one pass over the split)")
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per device for bits per byte")
     p.add_argument("--data-dir", default="", help="parquet shards (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: <base>/tokenizer)")
@@ -80,9 +80,10 @@ def main(argv=None):
         for split in ("train", "val"):
             t0 = time.time()
             with DataLoader(tokenizer, args.device_batch_size, T, split=split, data_dir=data_dir, rank=rank,
-                            world_size=world_size, device=device) as batches:
-                bpb = evaluate_bpb(model, batches, steps, token_bytes)
-            print0(f"{split} bpb: {bpb:.4f} ({steps * args.device_batch_size * T * world_size:,} tokens, {time.time() - t0:.1f}s)")
+                            world_size=world_size, device=device, packer="greedy") as batches:
+                bpb = evaluate_bpb(model, batches.one_pass(), steps, token_bytes)
+            tokens = batches.one_pass_batches * args.device_batch_size * T
+            print0(f"{split} bpb: {bpb:.4f} ({tokens:,} tokens per rank, {time.time() - t0:.1f}s)")
             rows.append((f"{split}_bpb", bpb, ""))
 
     # CORE
@@ -118,5 +119,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
+    except (BundleError, CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
         raise SystemExit(f"base_eval: {e}") from None

@@ -24,6 +24,7 @@ from nanochat.checkpoint import (CheckpointError, load_meta, load_model_weights,
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops,
                              print0, synchronize)
 from nanochat.attention import select_backend
+from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.fp8 import convert_to_fp8, disable_fp8, fp8_supported
 from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, split_files
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks' linears (needs --compile 1; Hopper/Ada GPUs)")
     # evaluation
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); -1 only at the end")
-    p.add_argument("--eval-tokens", type=int, default=10 * 2**19, help="validation tokens per bpb evaluation")
+    p.add_argument("--eval-tokens", type=int, default=10 * 2**19, help="validation tokens per bpb evaluation (at most one pass over the val split)")
     p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1: only at the end; 0: never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="items per CORE task (-1: all)")
     p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
@@ -269,6 +270,8 @@ def main(argv=None):
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
     data_dir = resolve_data_dir(args.data_dir or None)
     _, val_files = split_files(list_parquet_files(data_dir))
+    # the CORE bundle too: an offline run must fail now, not at the last step after hours of training
+    core_bundle = get_eval_bundle(args.eval_bundle or None) if args.core_metric_every != 0 else None
 
     model = build_model(args, tokenizer.vocab_size, device)
     config = model.config
@@ -339,24 +342,26 @@ def main(argv=None):
         progress = {"step": step, "total_training_flops": flops_per_token * total_batch * step,
                     "total_training_time": loop["total_training_time"]}
         if last or due(args.eval_every, step) or (step == 0 and args.eval_every > 0):
+            # stream-order packing + one pass: a val split smaller than --eval-tokens is counted once, not re-looped
             with torch.no_grad(), disable_fp8(model), DataLoader(
                     tokenizer, args.device_batch_size, args.max_seq_len, split="val", data_dir=data_dir,
-                    rank=rank, world_size=world_size, device=device) as val_batches:
-                val_bpb = evaluate_bpb(compiled, val_batches, eval_steps, token_bytes)
+                    rank=rank, world_size=world_size, device=device, packer="greedy") as val_batches:
+                val_bpb = evaluate_bpb(compiled, val_batches.one_pass(), eval_steps, token_bytes)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             log.log({**progress, "val/bpb": val_bpb})
-        if args.core_metric_every != 0 and (last or due(args.core_metric_every, step)):
-            core = run_core(model, tokenizer, args, device, config)
-            log.log({**progress, "core_metric": core["core_metric"], **{f"core/{k}": v for k, v in core["centered"].items()}})
-        if args.sample_every != 0 and (last or due(args.sample_every, step)) and master:
-            print_samples(model, tokenizer)
+        # save before CORE and sampling: whatever they do, the trained weights are already on disk
         if args.save_every != 0 and step > start_step and (last or due(args.save_every, step)):
             meta = {"model_config": config.to_dict(), "args": vars(args), "hyperparameters": hp, "loop_state": loop}
             rank_state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
                           "scaler": scaler.state_dict(), "rng": rng_state(device)}
             path = save_checkpoint(checkpoint_root, step, model, rank_state, meta, rank, world_size)
             print0(f"saved checkpoint {path}")
+        if args.core_metric_every != 0 and (last or due(args.core_metric_every, step)):
+            core = run_core(model, tokenizer, core_bundle, args, device, config)
+            log.log({**progress, "core_metric": core["core_metric"], **{f"core/{k}": v for k, v in core["centered"].items()}})
+        if args.sample_every != 0 and (last or due(args.sample_every, step)) and master:
+            print_samples(model, tokenizer)
         if last:
             break
 
@@ -408,9 +413,7 @@ def main(argv=None):
     return loop
 
 
-def run_core(model, tokenizer, args, device, config):
-    from nanochat.core_eval import evaluate_core, get_eval_bundle
-    bundle = get_eval_bundle(args.eval_bundle or None)
+def run_core(model, tokenizer, bundle, args, device, config):
     with torch.no_grad(), disable_fp8(model):
         return evaluate_core(model, tokenizer, bundle, device, config.sequence_len,
                              max_per_task=args.core_metric_max_per_task, print_fn=print0)
@@ -426,5 +429,5 @@ def print_samples(model, tokenizer, prompts=("The capital of France is", "In the
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
+    except (BundleError, CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
         raise SystemExit(f"base_train: {e}") from None

@@ -111,6 +111,15 @@ def test_missing_tokenizer_and_data_fail_clearly(tmp_path, tokenizer_dir, corpus
     assert out.returncode != 0 and str(empty) in out.stderr and "Traceback" not in out.stderr
 
 
+def test_unreachable_eval_bundle_fails_before_training(tmp_path, tokenizer_dir, corpus_dir):
+    # CORE runs at the last step by default: an offline run must learn that at startup, not after training
+    out = run(TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--num-iterations", "2",
+                      "--run-dir", str(tmp_path / "r"), "--core-metric-every", "-1",
+                      "--eval-bundle", "http://127.0.0.1:9/eval_bundle.zip"], tmp_path, check=False)
+    assert out.returncode != 0 and "could not download the CORE eval bundle" in out.stderr
+    assert "--eval-bundle" in out.stderr and "Traceback" not in out.stderr and "step 00001" not in out.stdout
+
+
 def test_bad_checkpoints_fail_clearly_and_keep_the_good_one(tmp_path, tokenizer_dir, corpus_dir):
     common = TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--run-dir", str(tmp_path / "r")]
     run(common + ["--num-iterations", "2"], tmp_path)

@@ -186,6 +186,19 @@ def test_validation_batches_repeat_and_stay_in_val(tokenizer, tiny_data):
     assert "TRAIN" in train_text and "VAL" not in train_text
 
 
+def test_one_pass_in_stream_order_never_repeats_a_document(tokenizer, tiny_data):
+    data_dir, texts = tiny_data
+    tags = [f"VAL3x{i} " for i in range(len(texts[3]))]
+    for T in (24, 200):  # rows of one cropped document each; rows holding several documents
+        with DataLoader(tokenizer, 1, T, split="val", data_dir=data_dir, packer="greedy") as loader:
+            batches = list(loader.one_pass())  # the plain stream would wrap forever
+            assert len(batches) == loader.one_pass_batches >= 1
+        text = "".join(tokenizer.decode(full_rows(x, y).flatten().tolist()) for x, y in batches)
+        counts = [text.count(tag) for tag in tags]
+        assert max(counts) == 1, counts  # no document twice...
+        assert sum(counts) >= len(tags) - 2, counts  # ...and all but the last batch's worth are there
+
+
 def test_mismatched_state_is_refused(tokenizer, tiny_data):
     data_dir, _ = tiny_data
     with DataLoader(tokenizer, 2, 32, data_dir=data_dir) as loader:

@@ -66,10 +66,16 @@ def test_special_targets_contribute_no_nats_even_when_infinite():
     assert bpb == pytest.approx(1.0)  # two 1-byte tokens at p = 1/2 each
 
 
+def test_a_stream_shorter_than_num_steps_is_evaluated_whole():
+    model, token_bytes = FixedDistribution(torch.zeros(4)), torch.ones(4, dtype=torch.int32)
+    batches = random_batches(2, 4)
+    assert evaluate_bpb(model, iter(batches), 3, token_bytes) == evaluate_bpb(model, iter(batches), 2, token_bytes)
+
+
 def test_bad_streams_fail_clearly():
     model, token_bytes = FixedDistribution(torch.zeros(4)), torch.ones(4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="ran out after 2 of 3 batches"):
-        evaluate_bpb(model, iter(random_batches(2, 4)), 3, token_bytes)
+    with pytest.raises(ValueError, match="holds no batch"):
+        evaluate_bpb(model, iter([]), 3, token_bytes)
     only_ignored = [(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1))]
     with pytest.raises(ValueError, match="no bytes"):
         evaluate_bpb(model, iter(only_ignored), 1, token_bytes)
