@@ -270,8 +270,7 @@ def main(argv=None):
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
     data_dir = resolve_data_dir(args.data_dir or None)
     _, val_files = split_files(list_parquet_files(data_dir))
-    # the CORE bundle too: an offline run must fail now, not at the last step after hours of training
-    core_bundle = get_eval_bundle(args.eval_bundle or None) if args.core_metric_every != 0 else None
+    core_bundle = resolve_core_bundle(args)
 
     model = build_model(args, tokenizer.vocab_size, device)
     config = model.config
@@ -357,7 +356,7 @@ def main(argv=None):
                           "scaler": scaler.state_dict(), "rng": rng_state(device)}
             path = save_checkpoint(checkpoint_root, step, model, rank_state, meta, rank, world_size)
             print0(f"saved checkpoint {path}")
-        if args.core_metric_every != 0 and (last or due(args.core_metric_every, step)):
+        if core_bundle and (last or due(args.core_metric_every, step)):
             core = run_core(model, tokenizer, core_bundle, args, device, config)
             log.log({**progress, "core_metric": core["core_metric"], **{f"core/{k}": v for k, v in core["centered"].items()}})
         if args.sample_every != 0 and (last or due(args.sample_every, step)) and master:
@@ -411,6 +410,20 @@ def main(argv=None):
     loader.close()
     cleanup_dist()
     return loop
+
+
+def resolve_core_bundle(args):
+    """The CORE bundle directory, fetched now: an offline run must learn at startup, not after training.
+    A bundle the user named must work; the default one (a download) may not, and then CORE is off."""
+    if args.core_metric_every == 0:
+        return None
+    try:
+        return get_eval_bundle(args.eval_bundle or None)
+    except BundleError as e:
+        if args.eval_bundle:
+            raise
+        print0(f"WARNING: CORE is off for this run: {e}")
+        return None
 
 
 def run_core(model, tokenizer, bundle, args, device, config):

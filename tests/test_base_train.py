@@ -120,6 +120,17 @@ def test_unreachable_eval_bundle_fails_before_training(tmp_path, tokenizer_dir, 
     assert "--eval-bundle" in out.stderr and "Traceback" not in out.stderr and "step 00001" not in out.stdout
 
 
+def test_default_eval_bundle_offline_turns_core_off(monkeypatch, capsys, tmp_path):
+    from nanochat import core_eval
+    from scripts.base_train import parse_args, resolve_core_bundle
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setattr(core_eval, "DEFAULT_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")
+    assert resolve_core_bundle(parse_args(["--core-metric-every", "-1"])) is None
+    assert "CORE is off for this run" in capsys.readouterr().out
+    assert resolve_core_bundle(parse_args(["--core-metric-every", "0"])) is None
+    assert resolve_core_bundle(parse_args(["--eval-bundle", core_eval.MINI_BUNDLE_DIR])).endswith("eval_bundle_mini")
+
+
 def test_bad_checkpoints_fail_clearly_and_keep_the_good_one(tmp_path, tokenizer_dir, corpus_dir):
     common = TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--run-dir", str(tmp_path / "r")]
     run(common + ["--num-iterations", "2"], tmp_path)
