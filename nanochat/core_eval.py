@@ -95,10 +95,21 @@ def get_eval_bundle(path_or_url=None):
 
 
 def _install_once(target, install):
+    error = None
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.isdir(target):
-        install(target)
+        try:
+            install(target)
+        except Exception as e:  # held until every rank knows: a rank left waiting alone would hang the job
+            error = e
     if dist.is_initialized():
-        dist.barrier()
+        # an all-reduce instead of a barrier: it also tells the waiting ranks whether the install worked
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        failed = torch.tensor(int(error is not None), device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise BundleError("the eval bundle could not be installed on another rank (its message says why)")
+    if error is not None:
+        raise error
     return find_bundle_root(target)
 
 

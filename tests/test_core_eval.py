@@ -205,6 +205,26 @@ def test_world_size_1_and_2_agree(bundle, tmp_path):
     assert ws1 == ws2  # CORE: identical accuracies, with and without max_per_task
 
 
+def test_failed_download_fails_every_rank_instead_of_hanging(tmp_path):
+    # rank 0 downloads while rank 1 waits: a failure must reach rank 1 too, not leave it at a barrier
+    script = tmp_path / "fetch.py"
+    script.write_text(
+        "from nanochat.common import init_dist, cleanup_dist\n"
+        "from nanochat.core_eval import BundleError, get_eval_bundle\n"
+        "info = init_dist('cpu')\n"
+        "try:\n"
+        "    get_eval_bundle('http://127.0.0.1:9/eval_bundle.zip')\n"
+        "except BundleError as e:\n"
+        "    print(f'rank {info.rank}: BundleError: {e}', flush=True)\n"
+        "cleanup_dist()\n")
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": str(tmp_path / "base")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: BundleError: could not download" in proc.stdout
+    assert "rank 1: BundleError: the eval bundle could not be installed on another rank" in proc.stdout
+
+
 # -----------------------------------------------------------------------------
 # the bundle: zips, download, cache
 
