@@ -230,7 +230,7 @@ def data_signature(args, tokenizer, val_files, eval_tokens):
     """What a val bpb depends on besides the model: runs may be compared only when these match."""
     return {
         "tokenizer": tokenizer_signature(tokenizer), "vocab_size": tokenizer.vocab_size,
-        "sequence_len": args.max_seq_len, "packing": "best-fit-bos",
+        "sequence_len": args.max_seq_len, "packing": "stream-order-bos-one-pass",  # how the val rows are built
         "val_data": [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in val_files], "eval_tokens": eval_tokens,
     }
 

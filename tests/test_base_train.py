@@ -83,7 +83,7 @@ def test_resolved_table_and_jsonl(tmp_path, tokenizer_dir, corpus_dir):
     assert keys <= set(records[1])
     assert [r["step"] for r in records if "val/bpb" in r] == [0, 2, 3]
     info = json.load(open(tmp_path / "r" / "run.json"))
-    assert info["data_signature"]["sequence_len"] == 64 and info["data_signature"]["packing"] == "best-fit-bos"
+    assert info["data_signature"]["sequence_len"] == 64 and info["data_signature"]["packing"] == "stream-order-bos-one-pass"
     assert not os.path.exists(tmp_path / "r" / "checkpoints")
 
 
