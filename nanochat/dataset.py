@@ -138,12 +138,25 @@ def iter_documents(files, rank=0, world_size=1):
 # -----------------------------------------------------------------------------
 # download (ClimbMix from the Hugging Face Hub)
 
+def _missing_on_hub_errors():
+    """The Hub's answers that no retry can change: no such file, repo or revision (or no access to it)."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    return EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+
+def _missing_on_hub(filename, e):
+    return DataError(f"{HF_REPO_ID} has no {filename} ({type(e).__name__}): shards are 0..{LAST_SHARD_INDEX}; "
+                     "check -n, or your Hugging Face access to the dataset")
+
+
 def check_hub_reachable(filename):
     """Fails in well under a second when offline; hf_hub_download would retry for ~23 s first."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     try:
         get_hf_file_metadata(hf_hub_url(HF_REPO_ID, filename, repo_type="dataset"), timeout=10)
-    except Exception as e:  # offline mode, DNS, refused connection, HTTP error: all mean "cannot download"
+    except _missing_on_hub_errors() as e:
+        raise _missing_on_hub(filename, e) from None
+    except Exception as e:  # offline mode, DNS, refused connection, other HTTP errors: all mean "cannot download"
         raise DataError(f"cannot reach the Hugging Face Hub to download {HF_REPO_ID} ({type(e).__name__}: {e}). "
                         "Offline? Train on local parquet files instead: pass --data-dir DIR or set "
                         "NANOCHAT_DATA_DIR=DIR (the repo ships data/sample/)") from None
@@ -152,8 +165,11 @@ def check_hub_reachable(filename):
 def download_shard(index, data_dir, max_attempts=5):
     """Downloads one shard to data_dir/shard_XXXXX.parquet; returns its path. Resumable, retried, atomic.
 
-    huggingface_hub resumes a partial file kept under data_dir/.download; the file is checked
-    with pyarrow there and only then renamed into place, so a *.parquet in data_dir is complete.
+    huggingface_hub resumes a partial file kept under data_dir/.download (a dropped connection
+    continues with an HTTP Range request from the last whole 10 MiB chunk it wrote, also on our
+    next attempt); the file is checked with
+    pyarrow there and only then renamed into place, so a *.parquet in data_dir is complete.
+    A shard or repo that does not exist is reported at once: retrying cannot fix it.
     """
     from huggingface_hub import hf_hub_download
     filename = shard_filename(index)
@@ -167,6 +183,8 @@ def download_shard(index, data_dir, max_attempts=5):
             open_parquet(staged)  # integrity: footer and `text` column readable
             os.replace(staged, path)
             return path
+        except _missing_on_hub_errors() as e:
+            raise _missing_on_hub(filename, e) from None
         except Exception as e:
             if isinstance(e, DataError):  # a bad file: drop it so the retry fetches it afresh
                 os.remove(staged)

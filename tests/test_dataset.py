@@ -131,3 +131,95 @@ def test_download_checks_integrity_and_renames_atomically(tmp_path, monkeypatch,
     path = dataset.download_shard(3, str(data_dir), max_attempts=3)
     assert os.path.basename(path) == "shard_00003.parquet" and len(attempts) == 2
     assert read_row_group(path, 0)[0] == "doc 0"
+
+
+class FakeHub:
+    """A local stand-in for the Hub's file endpoint: HEAD metadata, GET with Range, and a first GET of
+    each file that drops the connection halfway (what a flaky network does to a 100 MB shard)."""
+
+    def __init__(self, payload, missing=()):
+        import http.server
+        import threading
+        hub = self
+        self.payload, self.missing, self.requests = payload, set(missing), []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _head(self, status, length, extra=()):
+                self.send_response(status)
+                for key, value in [("ETag", '"fake-etag"'), ("X-Repo-Commit", "0" * 40), ("Content-Length", str(length)),
+                                   *extra]:
+                    self.send_header(key, value)
+                self.end_headers()
+
+            def do_HEAD(self):
+                name = self.path.rsplit("/", 1)[-1]
+                hub.requests.append(("HEAD", name, None))
+                if name in hub.missing:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._head(200, len(hub.payload))
+
+            def do_GET(self):
+                name, byte_range = self.path.rsplit("/", 1)[-1], self.headers.get("Range")
+                hub.requests.append(("GET", name, byte_range))
+                if byte_range:
+                    start = int(byte_range.split("=")[1].split("-")[0])
+                    body = hub.payload[start:]
+                    self._head(206, len(body), [("Content-Range", f"bytes {start}-{len(hub.payload) - 1}/{len(hub.payload)}")])
+                    self.wfile.write(body)
+                    return
+                self._head(200, len(hub.payload))
+                self.wfile.write(hub.payload[:len(hub.payload) // 2])  # ...and hang up mid-body
+                self.wfile.flush()
+                self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def download(self, data_dir, num_shards, chunk_bytes=1024):
+        # huggingface_hub writes (and resumes from) whole chunks of 10 MiB; small chunks let a small file show it
+        code = (f"import huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = {chunk_bytes}; import sys; "
+                f"sys.argv = ['nanochat.dataset', '-n', '{num_shards}', '--data-dir', {str(data_dir)!r}]; "
+                "from nanochat.dataset import main; main()")
+        env = {**os.environ, "HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+
+def test_download_resumes_a_dropped_transfer_end_to_end(tmp_path, write_parquet):
+    """`python -m nanochat.dataset` against a local fake Hub: both shards (train 0 and validation) are cut
+    off halfway, resumed with a Range request from where they stopped, checked, and renamed into place."""
+    source = write_parquet(tmp_path / "source.parquet", [f"document {i} " * 50 for i in range(200)])
+    hub = FakeHub(open(source, "rb").read())
+    try:
+        result = hub.download(tmp_path / "data", 1)
+    finally:
+        hub.server.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("shard_00000.parquet", "shard_06542.parquet"):
+        gets = [r for method, n, r in hub.requests if method == "GET" and n == name]
+        assert len(gets) == 2 and gets[0] is None, gets
+        resumed_at = int(gets[1].removeprefix("bytes=").removesuffix("-"))
+        assert len(hub.payload) // 2 - 1024 < resumed_at <= len(hub.payload) // 2  # resumed, not restarted
+        assert open(tmp_path / "data" / name, "rb").read() == hub.payload
+    assert sorted(os.listdir(tmp_path / "data")) == ["shard_00000.parquet", "shard_06542.parquet"]  # staging gone
+
+
+def test_download_of_a_missing_shard_fails_at_once(tmp_path):
+    hub = FakeHub(b"unused", missing={"shard_00000.parquet"})
+    try:
+        result = hub.download(tmp_path / "data", 1)
+    finally:
+        hub.server.shutdown()
+    assert result.returncode != 0 and "has no shard_00000.parquet" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert sum(1 for method, name, _ in hub.requests if name == "shard_00000.parquet") <= 2  # no 5x retry with backoff
