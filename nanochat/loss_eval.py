@@ -22,36 +22,27 @@ def evaluate_bpb(model, batches, num_steps, token_bytes):
     """Bits per byte of `model` over at most `num_steps` (inputs, targets) batches from the iterator `batches`.
 
     A stream that ends sooner (e.g. DataLoader.one_pass() over a small validation split) is
-    evaluated whole; one that holds no batch at all is an error.
+    evaluated whole. Ranks may run out at different steps, even at step 0: every rank still
+    meets the all-reduce, and only then do all of them fail together if no rank measured a byte.
 
     model(inputs, targets, loss_reduction="none") must return per-token losses in nats (B, T).
-    token_bytes: int tensor (vocab_size,), the UTF-8 byte length of each token id, 0 for specials.
+    token_bytes: int tensor (vocab_size,) on the model's device, the UTF-8 byte length of each
+    token id, 0 for specials.
     """
-    total_nats, total_bytes, device = None, None, None
-    for step in range(num_steps):
-        try:
-            inputs, targets = next(batches)
-        except StopIteration:
-            if step > 0:
-                break
-            raise ValueError("the validation stream holds no batch: give it more validation data "
-                             "(one batch needs batch_size x (seq_len + 1) tokens on every rank)") from None
-        if total_nats is None:
-            device = targets.device
-            token_bytes = token_bytes.to(device)
-            total_nats = torch.zeros((), dtype=torch.float64, device=device)
-            total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for _, (inputs, targets) in zip(range(num_steps), batches):
         losses = model(inputs, targets, loss_reduction="none").flatten()
         targets = targets.flatten()
         nbytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         # where(), not a product: a token with 0 bytes must contribute 0 nats even if its loss is inf
         total_nats += torch.where(nbytes > 0, losses.double(), 0.0).sum()
         total_bytes += nbytes.sum()
-    if total_nats is None:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if dist.is_initialized():
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     if total_bytes.item() == 0:
-        raise ValueError("the evaluated targets hold no bytes (all special or ignored): nothing to measure")
+        raise ValueError("nothing to measure: no batch on any rank, or targets that are all special or ignored; "
+                         "give the evaluation more validation data (a batch needs batch_size x (seq_len + 1) tokens)")
     return total_nats.item() / (math.log(2) * total_bytes.item())

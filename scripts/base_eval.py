@@ -1,6 +1,6 @@
 """Evaluate a base-model checkpoint: CORE, bits per byte on train and val, and a few greedy samples.
 
-python -m scripts.base_eval -- --run-dir ~/.cache/nanochat/runs/d24               # latest checkpoint
+python -m scripts.base_eval --run-dir ~/.cache/nanochat/runs/d24                  # latest checkpoint
 torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --run-dir ... --step 5000
 
 Results go to stdout, to `<run-dir>/base_eval_step<step>.csv`, and to wandb with --run.

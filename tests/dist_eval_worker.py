@@ -50,6 +50,9 @@ def evaluate_all(bundle, info):
     batches = bpb_batches(tokenizer)
     mine = batches[info.rank::info.world_size]
     results["bpb"] = evaluate_bpb(model, iter(mine), len(mine), tokenizer.token_bytes())
+    # a rank whose stream is empty from the start (a tiny val share) must still meet the all-reduce
+    only_rank0 = batches[0::2] if info.rank == 0 else []
+    results["bpb_rank0_batches"] = evaluate_bpb(model, iter(only_rank0), len(batches), tokenizer.token_bytes())
     results["world_size"] = info.world_size
     return results
 

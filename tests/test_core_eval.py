@@ -202,6 +202,8 @@ def test_world_size_1_and_2_agree(bundle, tmp_path):
     assert (ws1.pop("world_size"), ws2.pop("world_size")) == (1, 2)
     assert ws1["oracle"] == {"arith_mc": 1.0, "who_schema": 1.0, "facts_lm": 1.0}
     assert ws2.pop("bpb") == pytest.approx(ws1.pop("bpb"), rel=1e-12)
+    # ws1 saw batches[0::2] on its only rank, ws2 the same on rank 0 and none on rank 1: same number, no hang
+    assert ws2.pop("bpb_rank0_batches") == pytest.approx(ws1.pop("bpb_rank0_batches"), rel=1e-12)
     assert ws1 == ws2  # CORE: identical accuracies, with and without max_per_task
 
 
