@@ -40,13 +40,13 @@ def _import_flash():
     try:
         from kernels import get_kernel  # prebuilt FA3 from the HF hub (pip install kernels): no CUDA build
         return get_kernel("kernels-community/flash-attn3"), "kernels-community/flash-attn3 (FA3 via kernels)"
-    except Exception:  # not installed, offline, or no build for this torch/CUDA: fall through
-        pass
+    except Exception as e:  # not installed, offline, or no build for this torch/CUDA: fall through, keep why
+        kernels_failure = f"kernels: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     try:
         import flash_attn  # FA2 build; also has flash_attn_func(..., window_size=)
-        return flash_attn, "flash_attn (FA2)"
+        return flash_attn, f"flash_attn (FA2; FA3 unavailable, {kernels_failure})"
     except ImportError:
-        return None, "no FlashAttention: pip install kernels (prebuilt FA3) or 'nanochat[gpu]'"
+        return None, f"no FlashAttention ({kernels_failure}): pip install kernels (prebuilt FA3) or 'nanochat[gpu]'"
 
 
 @torch.compiler.assume_constant_result

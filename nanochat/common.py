@@ -120,6 +120,18 @@ def cleanup_dist():
         dist.destroy_process_group()
 
 
+def across_ranks(value, op, device=None):
+    """value (a number) reduced over all ranks with op (dist.ReduceOp.MAX/MIN/SUM); itself on one rank.
+    device defaults to what the backend needs (the current GPU for nccl, the CPU for gloo)."""
+    if not dist.is_initialized():
+        return value
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from nanochat.common import get_base_dir
+from nanochat.common import across_ranks, get_base_dir
 
 # the bundle nanochat and the speedrun publish (DCLM's CORE tasks, ~22 tasks)
 DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -101,13 +101,9 @@ def _install_once(target, install):
             install(target)
         except Exception as e:  # held until every rank knows: a rank left waiting alone would hang the job
             error = e
-    if dist.is_initialized():
-        # an all-reduce instead of a barrier: it also tells the waiting ranks whether the install worked
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        failed = torch.tensor(int(error is not None), device=device)
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and error is None:
-            raise BundleError("the eval bundle could not be installed on another rank (its message says why)")
+    # an all-reduce instead of a barrier: it also tells the waiting ranks whether the install worked
+    if across_ranks(error is not None, dist.ReduceOp.MAX) and error is None:
+        raise BundleError("the eval bundle could not be installed on another rank (its message says why)")
     if error is not None:
         raise error
     return find_bundle_root(target)

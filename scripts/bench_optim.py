@@ -116,8 +116,8 @@ def train_once(args, normuon, seed, train_tokens, val_tokens):
         loss = model(x, y)
         loss.backward()
         optimizer.update_hparams(scaling.lr_multiplier(step, args.steps, args.warmup_steps),
-                                 weight_decay_multiplier=1 - step / args.steps,
-                                 muon_momentum=0.85 + 0.1 * min(1.0, step / (args.steps / 3)))
+                                 weight_decay_multiplier=scaling.weight_decay_multiplier(step, args.steps),
+                                 muon_momentum=scaling.muon_momentum(step, end=0.95, ramp_steps=args.steps / 3))
         optimizer.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -130,8 +130,8 @@ def train_once(args, normuon, seed, train_tokens, val_tokens):
 
 
 def bench_normuon(args):
-    if args.weight_decay < 0:  # NOTES: wd proportional to 1/width^2, 0.22 at d12 (width 768)
-        args.weight_decay = 0.22 * (768 / GPTConfig.from_depth(args.depth).n_embd) ** 2
+    if args.weight_decay < 0:
+        args.weight_decay = scaling.weight_decay_for_width(GPTConfig.from_depth(args.depth).n_embd)
     shards = sorted(find_corpus().glob("*.parquet"))
     train_tokens = corpus_bytes(shards[0], args.train_bytes)
     val_tokens = corpus_bytes(shards[-1], args.train_bytes // 10)

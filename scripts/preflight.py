@@ -42,8 +42,8 @@ import torch.distributed as dist
 
 from nanochat import attention as attn
 from nanochat.checkpoint import list_steps
-from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops, print0,
-                             synchronize)
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, across_ranks, cleanup_dist, get_base_dir, init_dist,
+                             peak_flops, print0, synchronize)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (LAST_SHARD_INDEX, DataError, check_hub_reachable, list_parquet_files, list_row_groups,
                               read_row_group, resolve_data_dir, shard_filename, split_files)
@@ -107,15 +107,6 @@ def rel_err(got, want):
 def max_rel_err(got, want):
     """max |got - want| / max |want|: a collective must get every element right, one bad value shows."""
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)).item()
-
-
-def across_ranks(value, op, device):
-    """value (a number) reduced over all ranks with op (dist.ReduceOp.MAX/MIN/SUM); itself on one rank."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.item()
 
 
 def guarded(names, check, *args):
