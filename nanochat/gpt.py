@@ -263,6 +263,18 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    @classmethod
+    def build(cls, config, device, seed=None, compute_dtype=None):
+        """Built on the meta device (no memory, no init cost), materialised on `device`, initialised
+        explicitly; seed=None leaves the global RNG as it is (e.g. weights about to be loaded)."""
+        with torch.device("meta"):
+            model = cls(config, compute_dtype=compute_dtype)
+        model.to_empty(device=device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights()
+        return model
+
     @torch.no_grad()
     def init_weights(self):
         """Initialises every parameter and buffer in place (run after to_empty() from the meta device)."""

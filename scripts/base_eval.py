@@ -47,10 +47,7 @@ def parse_args(argv=None):
 
 def load_model(checkpoint_dir, device):
     meta = load_meta(checkpoint_dir)
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rotary tables); the weights are overwritten next
+    model = GPT.build(GPTConfig(**meta["model_config"]), device)  # init for the buffers; weights loaded next
     load_model_weights(model, checkpoint_dir)
     model.eval()
     return model, meta

@@ -156,13 +156,7 @@ def default_run_dir(args):
 
 
 def build_model(args, vocab_size, device):
-    """Built on the meta device (no memory, no init cost), materialised on `device`, initialised explicitly."""
-    with torch.device("meta"):
-        model = GPT(build_config(args, vocab_size))
-    model.to_empty(device=device)
-    torch.manual_seed(args.seed)
-    model.init_weights()
-    return model
+    return GPT.build(build_config(args, vocab_size), device, seed=args.seed)
 
 
 def build_optimizer(model, hp, args):

@@ -26,12 +26,7 @@ from nanochat.optim import default_orth_dtype
 
 
 def build_model(depth, vocab_size, sequence_len, seed=0):
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=sequence_len))
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model
+    return GPT.build(GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=sequence_len), "cpu", seed=seed)
 
 
 # -----------------------------------------------------------------------------

@@ -42,13 +42,9 @@ def peak_memory_bytes(device):
 
 
 def bench_config(args, tokenizer, data_dir, device, compiled, dtype):
-    torch.manual_seed(0)
     config = GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.max_seq_len,
                                   head_dim=args.head_dim)
-    with torch.device("meta"):
-        model = GPT(config, compute_dtype=dtype)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = GPT.build(config, device, seed=0, compute_dtype=dtype)
     optimizer = model.setup_optimizer(compiled=compiled)
     step_model = torch.compile(model, dynamic=False) if compiled else model
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, data_dir=data_dir, device=device)

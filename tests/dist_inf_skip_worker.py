@@ -13,11 +13,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_scale import DynamicLossScaler
 
 info = init_dist("cpu")
-torch.manual_seed(0)
-with torch.device("meta"):
-    model = GPT(GPTConfig.from_depth(2, vocab_size=256, sequence_len=32, head_dim=32))
-model.to_empty(device="cpu")
-model.init_weights()
+model = GPT.build(GPTConfig.from_depth(2, vocab_size=256, sequence_len=32, head_dim=32), "cpu", seed=0)
 optimizer = model.setup_optimizer()
 scaler = DynamicLossScaler(init_scale=2.0**10)
 gen = torch.Generator().manual_seed(100 + info.rank)  # each rank its own data

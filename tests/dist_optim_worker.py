@@ -21,11 +21,7 @@ SEQ_LEN = 32
 
 def build_model():
     config = GPTConfig.from_depth(2, vocab_size=256, sequence_len=SEQ_LEN, head_dim=32)
-    with torch.device("meta"):
-        model = GPT(config, compute_dtype=torch.float32)
-    model.to_empty(device="cpu")
-    torch.manual_seed(0)
-    model.init_weights()
+    model = GPT.build(config, "cpu", seed=0, compute_dtype=torch.float32)
     # init zeroes the output projections, which makes the scalars' gradients pure rounding noise
     # (~1e-10) at step 0, and Adam (eps 1e-10) turns noise into full-size steps of random sign:
     # no two summation orders would agree. Small random projections give every gradient signal.

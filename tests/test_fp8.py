@@ -28,12 +28,8 @@ def rel_err(a, b):
 
 def tiny_gpt(depth=2, seed=0, live_projections=False):
     """A bf16 CPU GPT built the way base_train builds one: on meta, to_empty, init_weights."""
-    torch.manual_seed(seed)
     config = GPTConfig.from_depth(depth, vocab_size=512, sequence_len=64, head_dim=64)
-    with torch.device("meta"):
-        model = GPT(config, compute_dtype=torch.bfloat16)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = GPT.build(config, "cpu", seed=seed, compute_dtype=torch.bfloat16)
     if live_projections:
         # init zeroes the output projections, which would zero their weights and every gradient
         # upstream of them: give them trained-model-like values so every layer carries signal

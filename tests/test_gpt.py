@@ -9,12 +9,7 @@ from nanochat.gpt import GPT, GPTConfig, fused_head_cross_entropy, plain_cross_e
 
 
 def build(config, compute_dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config, compute_dtype=compute_dtype)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
+    return GPT.build(config, "cpu", seed=seed, compute_dtype=compute_dtype)
 
 
 def small_config(**overrides):
