@@ -132,6 +132,11 @@ def across_ranks(value, op, device=None):
     return t.item()
 
 
+def rel_err(got, want):
+    """||got - want|| / ||want|| in fp32: numerics of a kernel (fp8, attention) against a reference."""
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from nanochat.common import rel_err
 from nanochat.fp8 import Float8Linear, fp8_supported
 from nanochat.gpt import GPTConfig, Linear
 
@@ -69,10 +70,6 @@ def saved_bytes(layer, x):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     return sum(total)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def bench_shape(in_features, out_features, rows, args, device):

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from nanochat import attention as attn
 from nanochat.checkpoint import list_steps
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, across_ranks, cleanup_dist, get_base_dir, init_dist,
-                             peak_flops, print0, synchronize)
+                             peak_flops, print0, rel_err, synchronize)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (LAST_SHARD_INDEX, DataError, check_hub_reachable, list_parquet_files, list_row_groups,
                               read_row_group, resolve_data_dir, shard_filename, split_files)
@@ -98,11 +98,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # helpers
-
-def rel_err(got, want):
-    """||got - want|| / ||want||: numerics of a kernel against a reference."""
-    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
-
 
 def max_rel_err(got, want):
     """max |got - want| / max |want|: a collective must get every element right, one bad value shows."""

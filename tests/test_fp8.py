@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat.common import rel_err
 from nanochat.fp8 import (FP8_REL_TOL, Float8Linear, convert_to_fp8, default_fp8_filter, disable_fp8, fp8_supported,
                           relative_errors_vs_bf16)
 from nanochat.gpt import GPT, GPTConfig, Linear
@@ -20,10 +21,6 @@ from nanochat.gpt import GPT, GPTConfig, Linear
 FWD_TOL = FP8_REL_TOL["out"]
 GRAD_TOL = FP8_REL_TOL["grad_x"]
 FP8_NOISE_FLOOR = 0.01  # below this the layer did not really quantize
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def tiny_gpt(depth=2, seed=0, live_projections=False):
