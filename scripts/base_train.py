@@ -150,9 +150,14 @@ def build_config(args, vocab_size):
                                 aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, window_pattern=args.window_pattern)
 
 
+def run_name(args):
+    """The wandb run name, or d<depth> for the dummy (no-wandb) run."""
+    return args.run if args.run != "dummy" else f"d{args.depth}"
+
+
 def default_run_dir(args):
-    """--run-dir, else <base>/runs/<run name> (d<depth> for the dummy run)."""
-    return args.run_dir or os.path.join(get_base_dir(), "runs", args.run if args.run != "dummy" else f"d{args.depth}")
+    """--run-dir, else <base>/runs/<run name>."""
+    return args.run_dir or os.path.join(get_base_dir(), "runs", run_name(args))
 
 
 def build_model(args, vocab_size, device):
@@ -278,7 +283,6 @@ def main(argv=None):
         print0(f"FP8: {convert_to_fp8(model)} linears converted to tensorwise-scaled Float8Linear ({why})")
     compiled = torch.compile(model, dynamic=False) if args.compile else model
 
-    run_name = args.run if args.run != "dummy" else f"d{args.depth}"
     run_dir = default_run_dir(args)
     checkpoint_root = os.path.join(run_dir, "checkpoints")
 
@@ -315,7 +319,7 @@ def main(argv=None):
                 "data_signature": data_signature(args, tokenizer, val_files, eval_steps * eval_tokens_per_step),
                 "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "world_size": world_size, "peak_flops": peak, "attention": attn_backend}}
-    log = RunLog(run_dir, run_name, run_info, use_wandb=args.run != "dummy",
+    log = RunLog(run_dir, run_name(args), run_info, use_wandb=args.run != "dummy",
                  resume_step=loop["step"] if args.resume_from_step else None, enabled=master)
 
     warm_up(compiled, model, optimizer, args, device, scaler)
