@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from nanochat.cli import one_line
 from nanochat.common import across_ranks, get_base_dir
 
 # the bundle nanochat and the speedrun publish (DCLM's CORE tasks, ~22 tasks)
@@ -55,6 +56,7 @@ FEWSHOT_SEED = 1234          # item idx draws its examples with Random(FEWSHOT_S
 SHUFFLE_SEED = 1337          # evaluate_core shuffles each task once so max_per_task takes a fair sample
 EVAL_BATCH_TOKENS = 2**14    # padded tokens per forward: full logits are 2 GiB of fp32 at vocab 32768
 TIE_TOLERANCE_NATS = 1e-6    # mean losses closer than this are a tie (fp32 noise is ~1e-7 nats)
+FRESH_BUNDLE = "the bundle is damaged: get a fresh copy (delete the extracted one) or pass another --eval-bundle"
 
 ITEM_FIELDS = {
     "multiple_choice": ("query", "choices", "gold"),
@@ -67,7 +69,8 @@ ITEM_FIELDS = {
 
 
 class BundleError(RuntimeError):
-    """The eval bundle cannot be had (download failed, not a zip): the message says what to pass instead."""
+    """The eval bundle cannot be had or read (download failed, not a zip, unsafe or malformed content):
+    the message names the file and says what to do."""
 
 
 def get_eval_bundle(path_or_url=None):
@@ -76,8 +79,20 @@ def get_eval_bundle(path_or_url=None):
 
     Under torch.distributed call it on every rank: local rank 0 of each node fetches and extracts,
     the other ranks wait at a barrier and then read its copy (not 8 downloads per node).
+    Every task and item is parsed here (`check_bundle`), so a malformed bundle fails at startup,
+    not after training.
     """
-    source = path_or_url or DEFAULT_BUNDLE_URL
+    return check_bundle(_locate_bundle(path_or_url or DEFAULT_BUNDLE_URL))
+
+
+def check_bundle(bundle_dir):
+    """bundle_dir, after parsing every task and item of it (BundleError on the first defect)."""
+    for task in load_tasks(bundle_dir):
+        load_items(task)
+    return bundle_dir
+
+
+def _locate_bundle(source):
     if os.path.isdir(source):
         return find_bundle_root(source)
     if source.startswith(("http://", "https://")):
@@ -85,12 +100,12 @@ def get_eval_bundle(path_or_url=None):
         return _install_once(os.path.join(get_base_dir(), name), functools.partial(_download_and_install, source))
     if os.path.isfile(source):
         if not zipfile.is_zipfile(source):
-            raise ValueError(f"eval bundle {source!r} is a file but not a zip archive: pass the eval_bundle.zip "
+            raise BundleError(f"eval bundle {source!r} is a file but not a zip archive: pass the eval_bundle.zip "
                              "or the directory holding core.yaml")
         with open(source, "rb") as f:
             target = os.path.join(get_base_dir(), f"eval_bundle-{_digest(f.read())}")
         return _install_once(target, functools.partial(_install_zip, source))
-    raise FileNotFoundError(f"eval bundle {source!r} is neither a directory, a zip file nor an http(s) URL; "
+    raise BundleError(f"eval bundle {source!r} is neither a directory, a zip file nor an http(s) URL; "
                             f"for a small offline bundle pass {MINI_BUNDLE_DIR}")
 
 
@@ -116,7 +131,7 @@ def find_bundle_root(directory):
     inner = [os.path.join(directory, d) for d in sorted(os.listdir(directory))
              if os.path.isfile(os.path.join(directory, d, "core.yaml"))]
     if len(inner) != 1:
-        raise FileNotFoundError(f"{directory} is not a CORE eval bundle: no core.yaml in it or in exactly one "
+        raise BundleError(f"{directory} is not a CORE eval bundle: no core.yaml in it or in exactly one "
                                 "folder below it")
     return inner[0]
 
@@ -162,54 +177,63 @@ def _install_zip(zip_path, target):
 def safe_extract(zip_path, dest):
     """Extract zip_path into dest, refusing the whole archive if any member could land outside dest."""
     dest = os.path.realpath(dest)
-    with zipfile.ZipFile(zip_path) as zf:
-        for info in zf.infolist():
-            name = info.filename
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise ValueError(f"refusing to extract {zip_path}: member {name!r} is a symbolic link "
-                                 "(it could point outside the target directory)")
-            parts = re.split(r"[\\/]", name)
-            path = os.path.realpath(os.path.join(dest, name))
-            if (name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts
-                    or os.path.commonpath([dest, path]) != dest):
-                raise ValueError(f"refusing to extract {zip_path}: member {name!r} would land outside {dest}; "
-                                 "the archive is corrupt or malicious, get a fresh copy of the bundle")
-        zf.extractall(dest)
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for info in zf.infolist():
+                name = info.filename
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise BundleError(f"refusing to extract {zip_path}: member {name!r} is a symbolic link "
+                                      "(it could point outside the target directory)")
+                parts = re.split(r"[\\/]", name)
+                path = os.path.realpath(os.path.join(dest, name))
+                if (name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts
+                        or os.path.commonpath([dest, path]) != dest):
+                    raise BundleError(f"refusing to extract {zip_path}: member {name!r} would land outside {dest}; "
+                                      "the archive is corrupt or malicious, get a fresh copy of the bundle")
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:  # a truncated or damaged archive
+        raise BundleError(f"{zip_path} is a damaged zip archive ({e}): get a fresh copy of the bundle") from None
 
 
 def _read_baselines(csv_path):
     """{task label: random-guess accuracy in percent} from eval_meta_data.csv."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
-        raise ValueError(f"{csv_path} needs the columns 'Eval Task' and 'Random baseline'")
-    return {row["Eval Task"].strip(): float(row["Random baseline"]) for row in rows}
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
+            raise ValueError("it needs the columns 'Eval Task' and 'Random baseline'")
+        return {row["Eval Task"].strip(): float(row["Random baseline"]) for row in rows}
+    except (OSError, ValueError, csv.Error) as e:
+        raise BundleError(f"{csv_path} cannot be read ({e}): {FRESH_BUNDLE}") from None
 
 
 def load_tasks(bundle_dir):
     """The tasks of core.yaml, each a dict: label, icl_task_type, dataset_uri, data_path, num_fewshot (int),
     continuation_delimiter, baseline_acc (random-guess accuracy as a fraction, from eval_meta_data.csv)."""
-    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
-    if not config.get("icl_tasks"):
-        raise ValueError(f"{bundle_dir}/core.yaml has no icl_tasks list")
+    try:
+        with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise BundleError(f"{bundle_dir}/core.yaml cannot be read ({one_line(e)}): {FRESH_BUNDLE}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list) or not config["icl_tasks"]:
+        raise BundleError(f"{bundle_dir}/core.yaml has no icl_tasks list: {FRESH_BUNDLE}")
     baselines = _read_baselines(os.path.join(bundle_dir, "eval_meta_data.csv"))
     tasks = []
     for entry in config["icl_tasks"]:
-        missing = [k for k in ("label", "icl_task_type", "dataset_uri") if k not in entry]
+        missing = [k for k in ("label", "icl_task_type", "dataset_uri") if k not in entry] if isinstance(entry, dict) else ["all"]
         if missing:
-            raise ValueError(f"core.yaml task {entry} lacks {missing}")
+            raise BundleError(f"core.yaml task {entry} lacks {missing}: {FRESH_BUNDLE}")
         label, kind = entry["label"], entry["icl_task_type"]
         if kind not in ITEM_FIELDS:
-            raise ValueError(f"core.yaml task {label}: icl_task_type {kind!r} is not one of {list(ITEM_FIELDS)}")
+            raise BundleError(f"core.yaml task {label}: icl_task_type {kind!r} is not one of {list(ITEM_FIELDS)}")
         shots = entry.get("num_fewshot", 0)
         shots = shots if isinstance(shots, list) else [shots]
-        if len(shots) != 1:  # the CORE bundle lists exactly one per task, e.g. [10]
-            raise ValueError(f"core.yaml task {label}: num_fewshot must hold one value, got {shots}")
+        if len(shots) != 1 or not isinstance(shots[0], int) or shots[0] < 0:  # the CORE bundle lists one per task, e.g. [10]
+            raise BundleError(f"core.yaml task {label}: num_fewshot must hold one integer >= 0, got {shots}")
         if label not in baselines:
-            raise ValueError(f"task {label} has no row in eval_meta_data.csv (its random baseline)")
+            raise BundleError(f"task {label} has no row in eval_meta_data.csv (its random baseline)")
         if not 0 <= baselines[label] < 100:
-            raise ValueError(f"task {label}: random baseline {baselines[label]}% must be in [0, 100)")
+            raise BundleError(f"task {label}: random baseline {baselines[label]}% must be in [0, 100)")
         tasks.append({
             "label": label,
             "icl_task_type": kind,
@@ -224,22 +248,34 @@ def load_tasks(bundle_dir):
 
 def load_items(task):
     """The task's items (dicts) from its jsonl file, checked for the fields its type needs."""
-    items = []
-    with open(task["data_path"], encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    items, kind = [], task["icl_task_type"]
+    try:
+        with open(task["data_path"], encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"task {task['label']}: cannot read {task['data_path']} ({e}): {FRESH_BUNDLE}") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             item = json.loads(line)
-            missing = [k for k in ITEM_FIELDS[task["icl_task_type"]] if k not in item]
-            options = item.get("choices", item.get("context_options"))
-            if missing or (options is not None and not 0 <= item["gold"] < len(options)):
-                raise ValueError(f"{task['data_path']}:{line_no}: a {task['icl_task_type']} item needs "
-                                 f"{ITEM_FIELDS[task['icl_task_type']]} with gold indexing its options")
-            items.append(item)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{task['data_path']}:{line_no} is not JSON ({e}): {FRESH_BUNDLE}") from None
+        if not _item_is_valid(kind, item):
+            raise BundleError(f"{task['data_path']}:{line_no}: a {kind} item needs {ITEM_FIELDS[kind]} "
+                              f"with gold indexing its options: {FRESH_BUNDLE}")
+        items.append(item)
     if len(items) <= task["num_fewshot"]:
-        raise ValueError(f"task {task['label']}: {len(items)} items cannot give {task['num_fewshot']} few-shot "
+        raise BundleError(f"task {task['label']}: {len(items)} items cannot give {task['num_fewshot']} few-shot "
                          "examples that exclude the item itself")
     return items
+
+
+def _item_is_valid(kind, item):
+    if not isinstance(item, dict) or any(k not in item for k in ITEM_FIELDS[kind]):
+        return False
+    options = item.get("choices", item.get("context_options"))
+    return options is None or (isinstance(options, list) and isinstance(item["gold"], int) and 0 <= item["gold"] < len(options))
 
 # -----------------------------------------------------------------------------
 # prompts
@@ -290,8 +326,9 @@ def tokenize_pairs(tokenizer, pairs, max_seq_len):
     seqs = []
     for (context, answer), ctx_ids, ans_ids in zip(pairs, contexts, answers):
         if not ans_ids or len(ans_ids) >= max_seq_len:
-            raise ValueError(f"answer {answer!r} is {len(ans_ids)} tokens: it must be 1 to {max_seq_len - 1} "
-                             f"to fit a sequence of max_seq_len={max_seq_len} after BOS")
+            raise BundleError(f"answer {answer!r} is {len(ans_ids)} tokens: it must be 1 to {max_seq_len - 1} "
+                              f"to fit a sequence of max_seq_len={max_seq_len} after BOS; drop that item from the "
+                              "bundle or evaluate a model with a longer context")
         body = (ctx_ids + ans_ids)[-(max_seq_len - 1):]
         seqs.append(([tokenizer.bos_token_id] + body, 1 + len(body) - len(ans_ids)))
     return seqs

@@ -12,7 +12,6 @@ plus that validation shard.
 Every bad-input error names the file and what to do about it.
 """
 
-import argparse
 import os
 import shutil
 import time
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import get_base_dir
 
 HF_REPO_ID = "karpathy/climbmix-400b-shuffle"
@@ -210,20 +210,19 @@ def download_shards(num_train_shards, data_dir=None, num_workers=8):
     return [os.path.join(data_dir, shard_filename(i)) for i in indices]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=f"Download ClimbMix shards ({HF_REPO_ID}) for pretraining.")
-    parser.add_argument("-n", "--num-shards", type=int, default=8,
+def main(argv=None):
+    """`python -m nanochat.dataset`: a bad flag or a failed download ends in one line that says what to do."""
+    parser = ArgumentParser(prog="python -m nanochat.dataset", description=f"Download ClimbMix shards ({HF_REPO_ID}) for pretraining.")
+    parser.add_argument("-n", "--num-shards", type=number(int, low=1, high=LAST_SHARD_INDEX), default=8,
                         help="train shards 0..N-1 to fetch (the validation shard is always added); ~170 cover a GPT-2-grade run")
-    parser.add_argument("-w", "--num-workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("-w", "--num-workers", type=number(int, low=1), default=8, help="parallel downloads")
     parser.add_argument("--data-dir", default=None, help="target directory (default: NANOCHAT_DATA_DIR or <base dir>/base_data)")
-    args = parser.parse_args()
-    if args.num_shards < 1:
-        parser.error("-n must be >= 1: training needs at least one train shard")
-    try:
-        paths = download_shards(args.num_shards, args.data_dir, args.num_workers)
-    except DataError as e:
-        raise SystemExit(f"nanochat.dataset: {e}") from None
-    print(f"{len(paths)} shards ready in {resolve_data_dir(args.data_dir)}")
+    args = parser.parse_args(argv)
+    data_dir = resolve_data_dir(args.data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        parser.error(f"--data-dir {data_dir} is a file, not a directory")
+    paths = run_main(lambda: download_shards(args.num_shards, data_dir, args.num_workers), "nanochat.dataset", (DataError,))
+    print(f"{len(paths)} shards ready in {data_dir}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ SPLIT_PATTERN = (
 SPECIAL_TOKENS = ["<|bos|>"]  # appended after the learned ranks in this order; BOS must stay first
 TOKENIZER_FILENAME = "tokenizer.json"
 FORMAT_VERSION = "nanochat-bpe-1"
+RETRAIN = "rerun `python -m scripts.tok_train`"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded as asked; the message says what to do."""
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No tokenizer.json where one was expected."""
 
 
 class Tokenizer:
@@ -53,14 +62,14 @@ class Tokenizer:
         import rustbpe  # training-only dependency: loading and encoding never need it
         n_learned = vocab_size - len(SPECIAL_TOKENS)
         if n_learned < 256:
-            raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens "
+            raise TokenizerError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens "
                              f"plus {len(SPECIAL_TOKENS)} special token(s), so at least {256 + len(SPECIAL_TOKENS)}")
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(text_iterator, n_learned, pattern=SPLIT_PATTERN)
         ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
         if len(ranks) != n_learned:
             # rustbpe stops early when no pair occurs twice; a smaller vocab would break callers' shapes
-            raise ValueError(f"the training text allowed only {len(ranks)} ranks, {n_learned} were asked for: "
+            raise TokenizerError(f"the training text allowed only {len(ranks)} ranks, {n_learned} were asked for: "
                              "train on more text (raise --max-chars) or lower --vocab-size")
         return cls(ranks, SPLIT_PATTERN, SPECIAL_TOKENS)
 
@@ -121,21 +130,30 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory):
+        """The tokenizer saved in directory; TokenizerError (one line, names the file) for anything unusable."""
         path = os.path.join(directory, TOKENIZER_FILENAME)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 state = json.load(f)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`") from None
+            raise TokenizerNotFound(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a valid tokenizer file ({e}): delete it and rerun "
-                             "`python -m scripts.tok_train`") from None
+            raise TokenizerError(f"{path} is not a valid tokenizer file ({e}): delete it and {RETRAIN}") from None
+        except OSError as e:  # permissions, a directory named like the file, I/O errors
+            raise TokenizerError(f"cannot read {path} ({e}): fix its permissions or pass another --tokenizer-dir") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a {FORMAT_VERSION} tokenizer file: rerun `python -m scripts.tok_train`")
-        ranks = {base64.b64decode(token): rank for rank, token in enumerate(state["ranks"])}
-        if len(ranks) != len(state["ranks"]):
-            raise ValueError(f"{path} lists the same token twice: the file is damaged, rerun `python -m scripts.tok_train`")
-        return cls(ranks, state["pattern"], state["special_tokens"])
+            raise TokenizerError(f"{path} is not a {FORMAT_VERSION} tokenizer file: {RETRAIN}")
+        try:
+            tokens = state["ranks"]
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise TypeError("'ranks' must be a list of base64 strings")
+            ranks = {base64.b64decode(token, validate=True): rank for rank, token in enumerate(tokens)}
+            if len(ranks) != len(tokens):
+                raise ValueError("it lists the same token twice")
+            return cls(ranks, state["pattern"], state["special_tokens"])
+        except (KeyError, TypeError, ValueError) as e:  # binascii.Error and a bad regex are ValueErrors too
+            detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise TokenizerError(f"{path} is damaged ({detail}): {RETRAIN}") from None
 
 
 def get_tokenizer(directory=None):

@@ -14,40 +14,55 @@ import time
 import torch
 
 from nanochat.checkpoint import CheckpointError, load_meta, load_model_weights, resolve_step, step_dir
+from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import cleanup_dist, get_base_dir, init_dist, print0
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import DataError, resolve_data_dir
+from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, split_files
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import TokenizerError, get_tokenizer
+from scripts import base_train
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "In the beginning",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a nanochat base checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags, each range-checked while parsing: a bad value is one line on stderr before anything is loaded."""
+    p = ArgumentParser(description="Evaluate a nanochat base checkpoint.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run-dir", default="", help="the training run's directory (default: <base>/runs/d<depth>, needs --depth)")
-    p.add_argument("--depth", type=int, default=20, help="only to find the default run dir")
+    p.add_argument("--depth", type=number(int, low=1), default=20, help="only to find the default run dir")
     p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
-    p.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
-    p.add_argument("--max-per-task", type=int, default=-1, help="CORE items per task (-1: all)")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
+    p.add_argument("--max-per-task", type=number(int, low=1, also=(-1,)), default=-1, help="CORE items per task (-1: all)")
     p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
     p.add_argument("--skip-core", action="store_true", help="only bits per byte and samples")
-    p.add_argument("--bpb-tokens", type=int, default=10 * 2**19, help="tokens per split for bits per byte (at most one pass over the split)")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per device for bits per byte")
+    p.add_argument("--bpb-tokens", type=number(int, low=1), default=10 * 2**19, help="tokens per split for bits per byte (at most one pass over the split)")
+    p.add_argument("--device-batch-size", type=number(int, low=1), default=32, help="sequences per device for bits per byte")
     p.add_argument("--data-dir", default="", help="parquet shards (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: <base>/tokenizer)")
-    p.add_argument("--num-sample-tokens", type=int, default=24, help="greedy tokens per sample prompt (0: no samples)")
+    p.add_argument("--num-sample-tokens", type=number(int, low=0), default=24, help="greedy tokens per sample prompt (0: no samples)")
     p.add_argument("--run", default="dummy", help="wandb run name to log to; 'dummy' for none")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.step != "latest" and not args.step.isdigit():
+        p.error(f"--step takes a checkpoint step number or 'latest', got {args.step!r}")
+    for flag in ("run_dir", "data_dir", "tokenizer_dir"):
+        path = getattr(args, flag)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            p.error(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
+    base_train.check_device_type(p, args.device_type)
+    return args
 
 
 def load_model(checkpoint_dir, device):
     meta = load_meta(checkpoint_dir)
-    model = GPT.build(GPTConfig(**meta["model_config"]), device)  # init for the buffers; weights loaded next
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint_dir}/meta.json holds no valid model_config ({e}): evaluate another step") from None
+    model = GPT.build(config, device)  # init for the buffers; weights loaded next
     load_model_weights(model, checkpoint_dir)
     model.eval()
     return model, meta
@@ -60,24 +75,27 @@ def main(argv=None):
     run_dir = args.run_dir or os.path.join(get_base_dir(), "runs", f"d{args.depth}")
     checkpoint_root = os.path.join(run_dir, "checkpoints")
     step = resolve_step(checkpoint_root, args.step)
-    model, meta = load_model(step_dir(checkpoint_root, step), device)
+    # every input is checked before the slow work: the tokenizer, the data, the CORE bundle, the weights
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
+    data_dir = resolve_data_dir(args.data_dir or None)
+    split_files(list_parquet_files(data_dir))
+    bundle = None if args.skip_core else get_eval_bundle(args.eval_bundle or None)
+    model, meta = load_model(step_dir(checkpoint_root, step), device)
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's model {model.config.vocab_size}: "
+        raise SystemExit(f"base_eval: the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's model {model.config.vocab_size}: "
                          "pass the --tokenizer-dir the run was trained with")
     T = model.config.sequence_len
     print0(f"evaluating {run_dir} step {step} (depth {model.config.n_layer}, T {T}) on {world_size} x {device}")
     rows = []  # (metric, value, centered)
 
     # bits per byte on both splits
-    data_dir = resolve_data_dir(args.data_dir or None)
     steps = max(1, args.bpb_tokens // (args.device_batch_size * T * world_size))
     token_bytes = tokenizer.token_bytes().to(device)
     with torch.no_grad():
         for split in ("train", "val"):
             t0 = time.time()
             with DataLoader(tokenizer, args.device_batch_size, T, split=split, data_dir=data_dir, rank=rank,
-                            world_size=world_size, device=device, packer="greedy") as batches:
+                            world_size=world_size, device=device, packer=base_train.VAL_PACKER) as batches:
                 bpb = evaluate_bpb(model, batches.one_pass(), steps, token_bytes)
             tokens = batches.one_pass_batches * args.device_batch_size * T
             print0(f"{split} bpb: {bpb:.4f} ({tokens:,} tokens per rank, {time.time() - t0:.1f}s)")
@@ -85,7 +103,6 @@ def main(argv=None):
 
     # CORE
     if not args.skip_core:
-        bundle = get_eval_bundle(args.eval_bundle or None)
         with torch.no_grad():
             core = evaluate_core(model, tokenizer, bundle, device, T, max_per_task=args.max_per_task, print_fn=print0)
         rows += [(label, acc, core["centered"][label]) for label, acc in core["results"].items()]
@@ -114,7 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (BundleError, CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
-        raise SystemExit(f"base_eval: {e}") from None
+    run_main(main, "base_eval", (BundleError, CheckpointError, DataError, TokenizerError))

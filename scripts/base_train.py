@@ -21,6 +21,7 @@ import torch.distributed as dist
 from nanochat import scaling
 from nanochat.checkpoint import (CheckpointError, load_meta, load_model_weights, load_rank_state, resolve_step,
                                  save_checkpoint, step_dir)
+from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops,
                              print0, synchronize)
 from nanochat.attention import select_backend
@@ -32,62 +33,88 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scale import DynamicLossScaler
 from nanochat.report import RunLog, diagnose_low_mfu, model_flops_utilization
-from nanochat.tokenizer import get_tokenizer, tokenizer_signature
+from nanochat.tokenizer import TokenizerError, get_tokenizer, tokenizer_signature
 
 GC_COLLECT_EVERY = 5000  # NOTES: a collection costs ~500 ms on a long run; do it rarely by hand
+# How every val bpb evaluation builds its rows: stream-order packing (each document once, BOS-aligned,
+# cropped) read in one pass, so a val split smaller than --eval-tokens is counted once, not re-looped.
+# data_signature() is derived from it: runs evaluated another way are never compared.
+VAL_PACKER = "greedy"
+# Bad input the loop can meet (a missing or damaged file, a wrong resume): one line, no traceback.
+BAD_INPUT_ERRORS = (BundleError, CheckpointError, DataError, TokenizerError)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain a nanochat GPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags, each range-checked while parsing: a bad value is one line on stderr before anything is built."""
+    p = ArgumentParser(description="Pretrain a nanochat GPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    count, auto_count = number(int, low=1), number(int, low=1, also=(-1,))  # -1: derive it
+    every = number(int, low=-1)  # N > 0: every N steps; -1: only at the end; 0: never (eval: only at the end)
+    rate = number(float, low=0.0)
     # run and logging
     p.add_argument("--run", default="dummy", help="wandb run name; 'dummy' logs only to the local JSONL")
     p.add_argument("--run-dir", default="", help="where log.jsonl, run.json and checkpoints go (default: <base>/runs/<run or d<depth>>)")
-    p.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
-    p.add_argument("--seed", type=int, default=42, help="seed for weight init")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
+    p.add_argument("--seed", type=number(int, low=0, high=2**63 - 1), default=42, help="seed for weight init")
     # model
-    p.add_argument("--depth", type=int, default=20, help="number of layers; sets every other model dimension")
-    p.add_argument("--aspect-ratio", type=int, default=64, help="width = depth * aspect-ratio, rounded up to the head dim")
-    p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context length T")
+    p.add_argument("--depth", type=count, default=20, help="number of layers; sets every other model dimension")
+    p.add_argument("--aspect-ratio", type=count, default=64, help="width = depth * aspect-ratio, rounded up to the head dim")
+    p.add_argument("--head-dim", type=count, default=128, help="attention head dimension")
+    p.add_argument("--max-seq-len", type=count, default=2048, help="context length T")
     p.add_argument("--window-pattern", default="SSSL", help="sliding-window pattern over layers (S short, L long; last layer long)")
     # horizon (first one set wins: num-iterations, target-flops, target-param-data-ratio)
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive from flops or ratio)")
-    p.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: use the ratio)")
-    p.add_argument("--target-param-data-ratio", type=float, default=scaling.DEFAULT_PARAM_DATA_RATIO,
+    p.add_argument("--num-iterations", type=auto_count, default=-1, help="optimizer steps (-1: derive from flops or ratio)")
+    p.add_argument("--target-flops", type=number(float, low=1.0, also=(-1.0,)), default=-1.0, help="training FLOPs budget (-1: use the ratio)")
+    p.add_argument("--target-param-data-ratio", type=number(float, low=1e-6), default=scaling.DEFAULT_PARAM_DATA_RATIO,
                    help="training tokens per Kaplan-style parameter")
     # batch
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per micro-step")
-    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: B_opt from the scaling law)")
+    p.add_argument("--device-batch-size", type=count, default=32, help="sequences per device per micro-step")
+    p.add_argument("--total-batch-size", type=auto_count, default=-1, help="tokens per optimizer step (-1: B_opt from the scaling law)")
     # optimizer
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
-    p.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head at batch 2^19")
-    p.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
-    p.add_argument("--weight-decay", type=float, default=-1.0, help="cautious weight decay (-1: 0.22 * (768/width)^2)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
-    p.add_argument("--warmdown-frac", type=float, default=0.65, help="fraction of training spent in linear warmdown")
-    p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end as a fraction of peak")
+    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
+    p.add_argument("--embedding-lr", type=rate, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
+    p.add_argument("--unembedding-lr", type=rate, default=0.004, help="AdamW LR of the lm_head at batch 2^19")
+    p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
+    p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="cautious weight decay (-1: 0.22 * (768/width)^2)")
+    p.add_argument("--warmup-steps", type=number(int, low=0), default=40, help="linear LR warmup steps")
+    p.add_argument("--warmdown-frac", type=number(float, low=0.0, high=1.0), default=0.65, help="fraction of training spent in linear warmdown")
+    p.add_argument("--final-lr-frac", type=number(float, low=0.0, high=1.0), default=0.05, help="LR at the end as a fraction of peak")
     # systems
-    p.add_argument("--compile", type=int, default=1, help="torch.compile the model (1) or run eager (0)")
+    p.add_argument("--compile", type=int, default=1, choices=[0, 1], help="torch.compile the model (1) or run eager (0)")
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks' linears (needs --compile 1; Hopper/Ada GPUs)")
     # evaluation
-    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); -1 only at the end")
-    p.add_argument("--eval-tokens", type=int, default=10 * 2**19, help="validation tokens per bpb evaluation (at most one pass over the val split)")
-    p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1: only at the end; 0: never)")
-    p.add_argument("--core-metric-max-per-task", type=int, default=500, help="items per CORE task (-1: all)")
+    p.add_argument("--eval-every", type=every, default=250, help="val bpb every N steps (and at the end); -1 only at the end")
+    p.add_argument("--eval-tokens", type=count, default=10 * 2**19, help="validation tokens per bpb evaluation (at most one pass over the val split)")
+    p.add_argument("--core-metric-every", type=every, default=-1, help="CORE every N steps (-1: only at the end; 0: never)")
+    p.add_argument("--core-metric-max-per-task", type=auto_count, default=500, help="items per CORE task (-1: all)")
     p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
-    p.add_argument("--sample-every", type=int, default=-1, help="print greedy samples every N steps (-1: only at the end; 0: never)")
+    p.add_argument("--sample-every", type=every, default=-1, help="print greedy samples every N steps (-1: only at the end; 0: never)")
     # data and checkpoints
     p.add_argument("--data-dir", default="", help="directory of parquet shards with a 'text' column (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
     p.add_argument("--tokenizer-dir", default="", help="trained tokenizer (default: <base>/tokenizer; make it with scripts.tok_train)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end; 0: never)")
+    p.add_argument("--save-every", type=every, default=-1, help="checkpoint every N steps (-1: only at the end; 0: never)")
     p.add_argument("--resume-from-step", default="", help="resume from this checkpoint step of --run-dir, or 'latest'")
     args = p.parse_args(argv)
-    if args.depth <= 0:
-        p.error(f"--depth must be a positive integer, got {args.depth}")
     if args.fp8 and not args.compile:
         p.error("--fp8 needs --compile 1: without torch.compile the unfused scaling ops make FP8 ~4x slower than bf16")
+    if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
+        p.error(f"--window-pattern {args.window_pattern!r} must be a non-empty string of S and L, e.g. SSSL")
+    if args.resume_from_step not in ("", "latest") and not args.resume_from_step.isdigit():
+        p.error(f"--resume-from-step takes a step number or 'latest', got {args.resume_from_step!r}")
+    for flag in ("run_dir", "data_dir", "tokenizer_dir"):
+        path = getattr(args, flag)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            p.error(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
+    check_device_type(p, args.device_type)
     return args
+
+
+def check_device_type(parser, device_type):
+    """A device the user named must exist here: otherwise the run would die deep in init with a traceback."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device-type cuda: no CUDA device is visible (check nvidia-smi / CUDA_VISIBLE_DEVICES), "
+                     "or pass --device-type cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        parser.error("--device-type mps: MPS is not available on this machine; pass --device-type cpu")
 
 
 # -----------------------------------------------------------------------------
@@ -212,24 +239,11 @@ def manage_gc(steps_done_here):
         gc.collect()
 
 
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def data_signature(args, tokenizer, val_files, eval_tokens):
     """What a val bpb depends on besides the model: runs may be compared only when these match."""
     return {
         "tokenizer": tokenizer_signature(tokenizer), "vocab_size": tokenizer.vocab_size,
-        "sequence_len": args.max_seq_len, "packing": "stream-order-bos-one-pass",  # how the val rows are built
+        "sequence_len": args.max_seq_len, "packing": f"{VAL_PACKER}-one-pass",  # how the val rows are built
         "val_data": [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in val_files], "eval_tokens": eval_tokens,
     }
 
@@ -302,7 +316,6 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], device)
         loop = meta["loop_state"]
         print0(f"resumed from {ckpt_dir} at step {loop['step']}")
 
@@ -339,10 +352,9 @@ def main(argv=None):
         progress = {"step": step, "total_training_flops": flops_per_token * total_batch * step,
                     "total_training_time": loop["total_training_time"]}
         if last or due(args.eval_every, step) or (step == 0 and args.eval_every > 0):
-            # stream-order packing + one pass: a val split smaller than --eval-tokens is counted once, not re-looped
             with torch.no_grad(), disable_fp8(model), DataLoader(
                     tokenizer, args.device_batch_size, args.max_seq_len, split="val", data_dir=data_dir,
-                    rank=rank, world_size=world_size, device=device, packer="greedy") as val_batches:
+                    rank=rank, world_size=world_size, device=device, packer=VAL_PACKER) as val_batches:
                 val_bpb = evaluate_bpb(compiled, val_batches.one_pass(), eval_steps, token_bytes)
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
@@ -351,7 +363,7 @@ def main(argv=None):
         if args.save_every != 0 and step > start_step and (last or due(args.save_every, step)):
             meta = {"model_config": config.to_dict(), "args": vars(args), "hyperparameters": hp, "loop_state": loop}
             rank_state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                          "scaler": scaler.state_dict(), "rng": rng_state(device)}
+                          "scaler": scaler.state_dict()}
             path = save_checkpoint(checkpoint_root, step, model, rank_state, meta, rank, world_size)
             print0(f"saved checkpoint {path}")
         if core_bundle and (last or due(args.core_metric_every, step)):
@@ -438,7 +450,4 @@ def print_samples(model, tokenizer, prompts=("The capital of France is", "In the
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (BundleError, CheckpointError, DataError, FileNotFoundError) as e:  # bad input: the message says what to do
-        raise SystemExit(f"base_train: {e}") from None
+    run_main(main, "base_train", BAD_INPUT_ERRORS)

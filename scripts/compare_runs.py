@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanochat.cli import ArgumentParser, number
 from nanochat.report import MFU_HEALTHY, diagnose_low_mfu, read_jsonl
 
 # what a val bpb depends on besides the model (written by base_train's data_signature()); a
@@ -70,6 +71,18 @@ def read_run_json(path):
         return json.load(f)
 
 
+def read_run_file(path, reader, check):
+    """reader(path), refused with one line when unreadable or when check(content) fails: not a run's file."""
+    try:
+        content = reader(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path} cannot be read ({e}): pass a run directory or log.jsonl written by scripts.base_train") from None
+    if not check(content):
+        raise SystemExit(f"{path} does not hold what scripts.base_train writes (JSON objects): pass a run directory or "
+                         "log.jsonl written by it")
+    return content
+
+
 def load_run(source):
     """A Run from a run directory, a log.jsonl path, or a wandb run path "entity/project/run_id"."""
     if os.path.isdir(source):
@@ -84,8 +97,9 @@ def load_run(source):
         raise SystemExit(f"{source}: no such run directory or log file (a wandb run is given as entity/project/run_id)")
     run_dir = os.path.dirname(os.path.abspath(log_path))
     info_path = os.path.join(run_dir, "run.json")
-    info = read_run_json(info_path) if os.path.isfile(info_path) else {}
-    return Run(os.path.basename(run_dir), source, info, read_jsonl(log_path))
+    info = read_run_file(info_path, read_run_json, lambda d: isinstance(d, dict)) if os.path.isfile(info_path) else {}
+    records = read_run_file(log_path, read_jsonl, lambda rs: all(isinstance(r, dict) for r in rs))
+    return Run(os.path.basename(run_dir), source, info, records)
 
 
 def load_wandb_run(path):
@@ -127,12 +141,11 @@ def signature_mismatches(runs):
 
 
 def describe_mismatches(runs, fields):
-    lines = [f"runs differ in data_signature field(s): {', '.join(fields)} — their val bpb values are not comparable"]
-    for k in fields:
-        for r in runs:
-            value = (r.signature or {}).get(k, "<missing: no run.json/data_signature>")
-            lines.append(f"  {k:<14} {r.label}: {value}")
-    return "\n".join(lines)
+    """One line: the fields, then each field's value per run."""
+    values = [f"{k}: " + ", ".join(f"{r.label}={(r.signature or {}).get(k, '<missing: no run.json/data_signature>')}"
+                                   for r in runs) for k in fields]
+    return (f"runs differ in data_signature field(s) {', '.join(fields)}, so their val bpb values are not comparable "
+            f"({'; '.join(values)})")
 
 
 # -----------------------------------------------------------------------------
@@ -376,16 +389,20 @@ def plot_runs(runs, verdicts, out_path, warning=""):
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Compare runs on val bpb vs steps, time and FLOPs; check MFU health.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Compare runs on val bpb vs steps, time and FLOPs; check MFU health.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories, log.jsonl files or wandb paths entity/project/run_id (2 or more)")
     p.add_argument("--out", default="compare.png", help="where to write the PNG")
     p.add_argument("--force", action="store_true", help="compare even when data signatures differ (prints a loud warning)")
-    p.add_argument("--noise-sigmas", type=float, default=NOISE_SIGMAS, help="a lead counts when above this many sigmas of the gap's noise")
-    p.add_argument("--mfu-skip-steps", type=int, default=5, help="leave the first N steps out of the MFU health section")
+    p.add_argument("--noise-sigmas", type=number(float, low=0.0), default=NOISE_SIGMAS, help="a lead counts when above this many sigmas of the gap's noise")
+    p.add_argument("--mfu-skip-steps", type=number(int, low=0), default=5, help="leave the first N steps out of the MFU health section")
     args = p.parse_args(argv)
     if len(args.runs) < 2:
         p.error("give at least two runs to compare")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(out_dir):
+        p.error(f"--out {args.out}: {'a directory' if os.path.isdir(args.out) else f'no directory {out_dir}'}; "
+                "pass a PNG path in an existing directory")
     return args
 
 
@@ -398,7 +415,7 @@ def main(argv=None):
     if mismatched:
         message = describe_mismatches(runs, mismatched)
         if not args.force:
-            raise SystemExit(f"refusing to compare: {message}\n(pass --force to compare anyway)")
+            raise SystemExit(f"refusing to compare: {message}; pass --force to compare anyway")
         warning = f"DATA SIGNATURES DIFFER ({', '.join(mismatched)}): not an apples-to-apples comparison"
         print(f"{'!' * 80}\nWARNING (--force): {message}\n{'!' * 80}", file=sys.stderr)
     verdicts = [compare_axis(runs, x_key, args.noise_sigmas) for x_key, _ in AXES]

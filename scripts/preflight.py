@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from nanochat import attention as attn
 from nanochat.checkpoint import list_steps
+from nanochat.cli import ArgumentParser, number
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, across_ranks, cleanup_dist, get_base_dir, init_dist,
                              peak_flops, print0, rel_err, synchronize)
 from nanochat.dataloader import DataLoader
@@ -83,16 +84,14 @@ SAMPLE_TEXT = "Preflight: the quick brown fox paid $24.50 for 8 GPUs at 12:34, d
 
 def parse_args(argv=None):
     """(preflight's own flags, base_train's Namespace of the run to check)."""
-    p = argparse.ArgumentParser(description="Check a node before a speedrun: PASS/WARN/FAIL/SKIP per check, exit 1 on FAIL.",
-                                epilog="Every other flag is base_train's (python -m scripts.base_train --help) and shapes "
-                                       "the run being checked, e.g. --depth 24 --fp8 --device-batch-size 32.")
-    p.add_argument("--gpu-hour-usd", type=float, default=3.0, help="price of one GPU-hour for the cost projection (8xH100 at ~$24/h)")
-    p.add_argument("--burst-steps", type=int, default=10, help="timed optimizer steps of the throughput burst")
-    p.add_argument("--burst-warmup-steps", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    p = ArgumentParser(description="Check a node before a speedrun: PASS/WARN/FAIL/SKIP per check, exit 1 on FAIL.",
+                       epilog="Every other flag is base_train's (python -m scripts.base_train --help) and shapes "
+                              "the run being checked, e.g. --depth 24 --fp8 --device-batch-size 32.")
+    p.add_argument("--gpu-hour-usd", type=number(float, low=0.0), default=3.0, help="price of one GPU-hour for the cost projection (8xH100 at ~$24/h)")
+    p.add_argument("--burst-steps", type=number(int, low=1), default=10, help="timed optimizer steps of the throughput burst")
+    p.add_argument("--burst-warmup-steps", type=number(int, low=0), default=2, help="untimed steps first (compilation, allocator)")
     p.add_argument("--skip-burst", action="store_true", help="leave out the throughput burst (and the rows that need it)")
     own, rest = p.parse_known_args(argv)
-    if own.burst_steps < 1 or own.burst_warmup_steps < 0:
-        p.error("--burst-steps must be >= 1 and --burst-warmup-steps >= 0")
     return own, base_train.parse_args(rest)
 
 

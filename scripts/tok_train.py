@@ -4,13 +4,15 @@
     python -m scripts.tok_train --data-dir ../shared/data/corpus --vocab-size 8192
 """
 
-import argparse
 import os
 import time
 
+from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import get_base_dir
 from nanochat.dataset import DataError, iter_documents, list_parquet_files, resolve_data_dir, split_files
-from nanochat.tokenizer import Tokenizer, tokenizer_signature
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, tokenizer_signature
+
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # byte-level BPE: every byte is a token, then the specials
 
 
 def training_texts(files, max_chars, doc_cap, counts):
@@ -24,29 +26,34 @@ def training_texts(files, max_chars, doc_cap, counts):
             return
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (rustbpe) on the train split.")
-    parser.add_argument("--vocab-size", type=int, default=32768, help="learned ranks + special tokens (2^15 by default)")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters of text")
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters of each document")
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Train the byte-level BPE tokenizer (rustbpe) on the train split.")
+    parser.add_argument("--vocab-size", type=number(int, low=MIN_VOCAB_SIZE, high=2**31 - 1), default=32768,
+                        help="learned ranks + special tokens (2^15 by default)")
+    parser.add_argument("--max-chars", type=number(int, low=1), default=2_000_000_000, help="stop after this many characters of text")
+    parser.add_argument("--doc-cap", type=number(int, low=1), default=10_000, help="use at most this many characters of each document")
     parser.add_argument("--data-dir", default=None, help="directory of parquet files (default: NANOCHAT_DATA_DIR or <base dir>/base_data)")
     parser.add_argument("--output-dir", default=None, help="where to save tokenizer.json (default: <base dir>/tokenizer)")
-    args = parser.parse_args()
-    if args.max_chars < 1 or args.doc_cap < 1:
-        parser.error("--max-chars and --doc-cap must be >= 1")
+    args = parser.parse_args(argv)
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is a file, not a directory")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     data_dir = resolve_data_dir(args.data_dir)
     output_dir = args.output_dir or os.path.join(get_base_dir(), "tokenizer")
+    train_files, _ = split_files(list_parquet_files(data_dir))
+    counts = {"chars": 0, "docs": 0}
+    t0 = time.perf_counter()
+    tokenizer = Tokenizer.train_from_iterator(training_texts(train_files, args.max_chars, args.doc_cap, counts),
+                                              args.vocab_size)
+    train_s = time.perf_counter() - t0
     try:
-        train_files, _ = split_files(list_parquet_files(data_dir))
-        counts = {"chars": 0, "docs": 0}
-        t0 = time.perf_counter()
-        tokenizer = Tokenizer.train_from_iterator(training_texts(train_files, args.max_chars, args.doc_cap, counts),
-                                                  args.vocab_size)
-        train_s = time.perf_counter() - t0
-    except (DataError, ValueError) as e:
-        raise SystemExit(f"tok_train: {e}") from None
-    path = tokenizer.save(output_dir)
+        path = tokenizer.save(output_dir)
+    except OSError as e:  # read-only, full, or a file in the way: the hour of training is not the problem
+        raise SystemExit(f"tok_train: cannot save the tokenizer to {output_dir} ({e}): pass a writable --output-dir") from None
     print(f"data: {data_dir} ({len(train_files)} train files)")
     print(f"trained on {counts['chars']:,} chars from {counts['docs']:,} documents (doc cap {args.doc_cap:,})")
     print(f"training time: {train_s:.2f} s ({counts['chars'] / train_s / 1e6:.2f} M chars/s)")
@@ -56,4 +63,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "tok_train", (DataError, TokenizerError))

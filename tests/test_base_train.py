@@ -88,7 +88,7 @@ def test_resolved_table_and_jsonl(tmp_path, tokenizer_dir, corpus_dir):
 
 
 BAD_INPUTS = [
-    (["--depth", "0"], "--depth must be a positive integer"),
+    (["--depth", "0"], "argument --depth: got 0, expected an integer >= 1"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--total-batch-size", "1000"], "not divisible by device-batch-size"),
     (["--fp8", "--compile", "0"], "--fp8 needs --compile 1"),

@@ -21,7 +21,7 @@ from dist_eval_worker import evaluate_all
 from eval_helpers import (MC_ITEMS, ByteTokenizer, OracleModel, UniformModel, gold_sequences, tiny_gpt,
                           write_test_bundle)
 from nanochat.common import init_dist
-from nanochat.core_eval import (MINI_BUNDLE_DIR, evaluate_core, evaluate_task, fewshot_indices, get_eval_bundle,
+from nanochat.core_eval import (MINI_BUNDLE_DIR, SHUFFLE_SEED, BundleError, evaluate_core, evaluate_task, fewshot_indices, get_eval_bundle,
                                 item_credit, load_items, load_tasks, render_item, safe_extract, score_sequences,
                                 tokenize_pairs)
 
@@ -55,11 +55,11 @@ def test_bad_bundle_data_fails_clearly(bundle):
     task = load_tasks(bundle)[0]
     with open(task["data_path"], "a") as f:
         f.write(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 2}) + "\n")
-    with pytest.raises(ValueError, match=r"arith_mc.jsonl:11"):
+    with pytest.raises(BundleError, match=r"arith_mc.jsonl:11"):
         load_items(task)
     with open(os.path.join(bundle, "eval_meta_data.csv"), "w") as f:
         f.write("Eval Task,Random baseline\narith_mc,25\n")
-    with pytest.raises(ValueError, match="who_schema has no row in eval_meta_data.csv"):
+    with pytest.raises(BundleError, match="who_schema has no row in eval_meta_data.csv"):
         load_tasks(bundle)
 
 
@@ -116,7 +116,7 @@ def test_tokenize_pairs_bos_answer_span_and_left_truncation():
     (ids, start), = tokenize_pairs(TOK, [(context, answer)], max_seq_len=16)
     assert len(ids) == 16 and ids[0] == TOK.bos_token_id
     assert ids[start:] == TOK.encode(answer) and ids[1:start] == TOK.encode(context)[-(15 - len(answer)):]
-    with pytest.raises(ValueError, match="max_seq_len=6"):
+    with pytest.raises(BundleError, match="max_seq_len=6"):
         tokenize_pairs(TOK, [(context, answer)], max_seq_len=6)
 
 
@@ -245,7 +245,7 @@ def test_zip_with_escaping_member_is_refused(tmp_path, monkeypatch, bundle, memb
     zip_path = zip_bundle(bundle, tmp_path / "bad.zip")
     with zipfile.ZipFile(zip_path, "a") as zf:
         zf.writestr(member, "pwned")
-    with pytest.raises(ValueError, match="would land outside"):
+    with pytest.raises(BundleError, match="would land outside"):
         get_eval_bundle(zip_path)
     assert not (tmp_path / "evil").exists() and not os.path.exists("/tmp/evil_abs")
     assert not [d for d in os.listdir(tmp_path / "base") if d.startswith("eval_bundle")]  # nothing installed
@@ -257,7 +257,7 @@ def test_zip_with_symlink_is_refused(tmp_path):
         info = zipfile.ZipInfo("eval_bundle/core.yaml")
         info.external_attr = (stat.S_IFLNK | 0o777) << 16
         zf.writestr(info, "/etc/passwd")
-    with pytest.raises(ValueError, match="symbolic link"):
+    with pytest.raises(BundleError, match="symbolic link"):
         safe_extract(zip_path, tmp_path / "out")
 
 
@@ -271,7 +271,7 @@ def test_local_zip_is_extracted_once_into_the_cache(tmp_path, monkeypatch, bundl
     open(marker, "w").close()
     assert get_eval_bundle(zip_path) == root and os.path.exists(marker)  # reused, not re-extracted
     assert not [d for d in os.listdir(tmp_path / "base") if d.startswith(".")]  # no temp dirs left
-    with pytest.raises(FileNotFoundError, match="not a CORE eval bundle"):
+    with pytest.raises(BundleError, match="not a CORE eval bundle"):
         get_eval_bundle(str(tmp_path / "base"))
 
 
@@ -299,5 +299,5 @@ def test_download_once_then_cached_and_offline_error(tmp_path, monkeypatch, bund
     with socket.socket() as s:  # a port nobody listens on: what offline looks like
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    with pytest.raises(RuntimeError, match="--eval-bundle .*eval_bundle_mini"):
+    with pytest.raises(BundleError, match="--eval-bundle .*eval_bundle_mini"):
         get_eval_bundle(f"http://127.0.0.1:{dead_port}/eval_bundle.zip")
