@@ -96,6 +96,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.fp8 and not args.compile:
         p.error("--fp8 needs --compile 1: without torch.compile the unfused scaling ops make FP8 ~4x slower than bf16")
+    if args.head_dim % 2:
+        p.error(f"--head-dim must be even (rotary embeddings turn pairs of dimensions), got {args.head_dim}")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern {args.window_pattern!r} must be a non-empty string of S and L, e.g. SSSL")
     if args.resume_from_step not in ("", "latest") and not args.resume_from_step.isdigit():
