@@ -49,3 +49,67 @@ def test_backward_matches_naive():
     ref = torch.autograd.grad(naive_attention(q, k, v, 6).square().sum(), (q, k, v))
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the FlashAttention call convention, against a fake module that records its arguments
+
+class FakeFlash:
+    """flash_attn_func as FlashAttention documents it, written independently of nanochat's masks:
+    q (B, T, H, D), k/v (B, T, Hkv, D); query i sees key j iff i - left <= j <= i + right (-1: unbounded),
+    and with causal=True also j <= i. Records every call."""
+
+    def __init__(self, return_lse=False):
+        self.calls, self.return_lse = [], return_lse
+
+    def flash_attn_func(self, q, k, v, causal=False, window_size=(-1, -1)):
+        self.calls.append({"shapes": (q.shape, k.shape, v.shape), "causal": causal, "window_size": window_size})
+        B, T, H, D = q.shape
+        left, right = window_size
+        k, v = (t.repeat_interleave(H // t.size(2), dim=2) for t in (k, v))
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        visible = torch.ones(T, T, dtype=torch.bool)
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        if causal:
+            visible &= j <= i
+        scores = torch.einsum("bihd,bjhd->bhij", q, k) / D ** 0.5
+        out = torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
+        return (out, torch.zeros(B, H, T)) if self.return_lse else out
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """attention() routed to the FA3 path with a FakeFlash as the imported module."""
+    from nanochat import attention as attn
+    fake = FakeFlash()
+    monkeypatch.setattr(attn, "_FLASH", [(fake, "fake flash_attn_interface")])
+    monkeypatch.setattr(attn, "select_backend", lambda device, dtype: ("fa3", "fake"))
+    return fake
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 31, 32, 1000])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_flash_call_convention(fake_flash, window, n_kv_head):
+    """window counts the keys a query sees, itself included: FlashAttention's (left, right) = (window - 1, 0),
+    causal, tensors in (B, T, H, D); a full window is (-1, 0). The result must equal SDPA's."""
+    from nanochat.attention import sdpa_attention
+    torch.manual_seed(window)
+    B, T, H, D = 2, 32, 4, 8
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, n_kv_head, D), torch.randn(B, T, n_kv_head, D)
+    y = attention(q, k, v, window)
+    call, = fake_flash.calls
+    assert call["causal"] is True
+    assert call["window_size"] == ((window - 1, 0) if window < T else (-1, 0))
+    assert call["shapes"] == (q.shape, k.shape, v.shape)  # (B, T, H, D) as given: no transpose on the way in
+    torch.testing.assert_close(y, sdpa_attention(q, k, v, window), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_output_with_lse_is_unpacked(fake_flash):
+    fake_flash.return_lse = True  # some FA3 builds return (out, softmax_lse)
+    q, k, v = (torch.randn(1, 8, 2, 4) for _ in range(3))
+    y = attention(q, k, v, 3)
+    assert isinstance(y, torch.Tensor) and y.shape == q.shape
+    torch.testing.assert_close(y, naive_attention(q, k, v, 3), rtol=1e-5, atol=1e-5)

@@ -301,3 +301,40 @@ def test_download_once_then_cached_and_offline_error(tmp_path, monkeypatch, bund
         dead_port = s.getsockname()[1]
     with pytest.raises(BundleError, match="--eval-bundle .*eval_bundle_mini"):
         get_eval_bundle(f"http://127.0.0.1:{dead_port}/eval_bundle.zip")
+
+
+# -----------------------------------------------------------------------------
+# centered accuracy and CORE, by hand
+
+def test_centered_accuracy_and_core_by_hand(bundle):
+    """A model that knows the gold answer of some items and a wrong answer of the others, so every accuracy
+    is a known fraction away from the baseline; centered = (acc - b) / (1 - b) and CORE = their mean,
+    computed here by hand, through evaluate_core (the path base_train and base_eval call):
+        arith_mc   (4 choices, b = 25%): 7 of 10 right -> acc 0.7   -> (0.7 - 0.25) / 0.75 = 0.6
+        who_schema (2 options, b = 50%): 7 of 8 right  -> acc 0.875 -> (0.875 - 0.5) / 0.5 = 0.75
+        facts_lm   (b = 0%):             3 of 8 right  -> acc 0.375 -> 0.375
+        CORE = (0.6 + 0.75 + 0.375) / 3 = 0.575
+    (acc - b alone would give 0.45 / 0.375 / 0.375; a formula that only maps acc = b to 0 fails here.)"""
+    import random
+    right = {"arith_mc": 7, "who_schema": 7, "facts_lm": 3}
+    sequences = []
+    for task in load_tasks(bundle):
+        items = load_items(task)
+        known = [json.dumps(item, sort_keys=True) for item in items[:right[task["label"]]]]
+        random.Random(SHUFFLE_SEED).shuffle(items)  # evaluate_core's order: the prompts' few-shot examples follow it
+        for idx, item in enumerate(items):
+            pairs, gold = render_item(task, items, idx)
+            if json.dumps(item, sort_keys=True) in known:
+                sequences += tokenize_pairs(TOK, [pairs[gold]], 64)
+            elif len(pairs) > 1:  # confidently wrong: the next candidate after gold gets all the mass
+                sequences += tokenize_pairs(TOK, [pairs[(gold + 1) % len(pairs)]], 64)
+            # language modelling, unknown: uniform logits reproduce the answer with probability ~0
+    model = OracleModel(TOK.vocab_size, sequences)
+    out = evaluate_core(model, TOK, bundle, CPU, max_seq_len=64, print_fn=lambda *a: None)
+    assert out["results"]["arith_mc"] == pytest.approx(0.7)
+    assert out["results"]["who_schema"] == pytest.approx(0.875)
+    assert out["results"]["facts_lm"] == pytest.approx(0.375, abs=1e-9)
+    assert out["centered"]["arith_mc"] == pytest.approx(0.6)
+    assert out["centered"]["who_schema"] == pytest.approx(0.75)
+    assert out["centered"]["facts_lm"] == pytest.approx(0.375, abs=1e-9)
+    assert out["core_metric"] == pytest.approx(0.575, abs=1e-9)
