@@ -83,7 +83,7 @@ def test_resolved_table_and_jsonl(tmp_path, tokenizer_dir, corpus_dir):
     assert keys <= set(records[1])
     assert [r["step"] for r in records if "val/bpb" in r] == [0, 2, 3]
     info = json.load(open(tmp_path / "r" / "run.json"))
-    assert info["data_signature"]["sequence_len"] == 64 and info["data_signature"]["packing"] == "stream-order-bos-one-pass"
+    assert info["data_signature"]["sequence_len"] == 64 and info["data_signature"]["packing"] == "greedy-one-pass"
     assert not os.path.exists(tmp_path / "r" / "checkpoints")
 
 
@@ -167,3 +167,66 @@ def test_warm_up_changes_nothing():
     after = optimizer.state_dict()["state"]
     assert all(torch.equal(v, after[i][k]) for i, s in state.items() for k, v in s.items())
     assert all(g["lr"].item() == pytest.approx(g["initial_lr"]) for g in optimizer.param_groups)
+
+
+def test_training_draws_no_random_numbers(tokenizer, corpus_dir):
+    """Why checkpoints hold no RNG state: the warm-up, a training step (data, forward, backward, optimizer) and a
+    val evaluation leave torch's global generator untouched, so an exact resume needs none. Whoever adds
+    something random (dropout, sampled data) makes this fail and must then save and restore the state."""
+    import torch
+    from nanochat.dataloader import DataLoader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.loss_scale import DynamicLossScaler
+    from scripts import base_train
+    cpu = torch.device("cpu")
+    args = base_train.parse_args(TINY + ["--num-iterations", "2"])
+    model = base_train.build_model(args, tokenizer.vocab_size, cpu)
+    optimizer = base_train.build_optimizer(model, base_train.resolve_hyperparameters(args, model, 1), args)
+    scaler = DynamicLossScaler(enabled=True)  # the fp16 path: scaling and the inf check included
+    with DataLoader(tokenizer, 4, 64, split="train", data_dir=corpus_dir, buffer_size=64) as loader:
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        base_train.warm_up(model, model, optimizer, args, cpu, scaler)
+        for _ in range(2):
+            base_train.train_step(model, model, optimizer, scaler, loader, 2)
+        with torch.no_grad(), DataLoader(tokenizer, 4, 64, split="val", data_dir=corpus_dir,
+                                         packer=base_train.VAL_PACKER) as val:
+            evaluate_bpb(model, val.one_pass(), 2, tokenizer.token_bytes())
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_data_signature_follows_the_val_loader(monkeypatch, tmp_path, tokenizer_dir, corpus_dir):
+    """The signature's packing is what the val evaluation really does: base_train.main is run with a DataLoader
+    that records how it is built and read; changing VAL_PACKER changes both the evaluation and the signature."""
+    from nanochat.dataloader import DataLoader
+    from scripts import base_train
+
+    class RecordingLoader(DataLoader):
+        made = []
+
+        def __init__(self, *args, split="train", packer="best_fit", **kwargs):
+            super().__init__(*args, split=split, packer=packer, **kwargs)
+            self.split, self.packer, self.read_one_pass = split, packer, False
+            RecordingLoader.made.append(self)
+
+        def one_pass(self):
+            self.read_one_pass = True
+            return super().one_pass()
+
+    monkeypatch.setattr(base_train, "DataLoader", RecordingLoader)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    signatures = {}
+    for packer in ("greedy", "best_fit"):
+        monkeypatch.setattr(base_train, "VAL_PACKER", packer)
+        RecordingLoader.made.clear()
+        run_dir = tmp_path / packer
+        try:
+            base_train.main(TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--num-iterations", "1",
+                                    "--save-every", "0", "--run-dir", str(run_dir), "--device-type", "cpu"])
+        finally:
+            gc.unfreeze()  # main froze and disabled the GC after its first step
+            gc.enable()
+        val, = [loader for loader in RecordingLoader.made if loader.split == "val"]
+        assert val.packer == packer and val.read_one_pass
+        signatures[packer] = json.load(open(run_dir / "run.json"))["data_signature"]["packing"]
+    assert signatures == {"greedy": "greedy-one-pass", "best_fit": "best_fit-one-pass"}
