@@ -1,5 +1,6 @@
 """Tests for nanochat/fp8.py on CPU: fp8 numerics against bf16, what backward keeps, the
-_scaled_mm operand contract, conversion and disable_fp8, and a compiled fp8 training run.
+_scaled_mm operand contract, conversion and disable_fp8, and one whole-model compile shared by
+a layer-by-layer compiled-vs-eager gradient check and a short fp8-vs-bf16 training run.
 
 Tolerances are relative error norms ||fp8 - bf16|| / ||bf16||. Rounding to e4m3 (3 mantissa
 bits) moves a value by at most 2^-4 = 6.25% of itself, to e5m2 (2 bits) by at most 12.5%; the
