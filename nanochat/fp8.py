@@ -1,4 +1,5 @@
-"""FP8 training for nanochat's Linear layers: `Float8Linear`, `convert_to_fp8`, `disable_fp8`, `fp8_supported`.
+"""FP8 training for nanochat's Linear layers: `Float8Linear`, `convert_to_fp8`, `disable_fp8`, `fp8_supported`,
+and the opaque matmul op `fp8_scaled_mm`.
 
 Recipe (shared NOTES.md, Systems -> FP8): tensorwise dynamic scaling. Every matmul operand is
 cast to fp8 with one fp32 scale computed from its own absolute max at that moment (no amax
@@ -7,9 +8,13 @@ history, nothing to keep in sync between steps or ranks):
 - backward grad_x = g @ w     with g in e5m2 (2 mantissa bits, max 57344: gradients span
                                 more octaves than activations, so range beats precision)
            grad_w = g.T @ x   written straight into the fp32 master weight's gradient
-All three run through `torch._scaled_mm`. Only the fp8 copies of x and w and their inverse
-scales are saved for backward, so a converted layer keeps 1 byte per activation element
-instead of 2 (bf16): that is the memory win (~9 GB of activations at d24).
+All three run through `torch._scaled_mm`, wrapped in the custom op `fp8_scaled_mm` that
+torch.compile treats as opaque: inductor fuses amax, scale and cast, but the operand layouts
+_scaled_mm needs are made inside the op, never by inductor-generated fp8 transposes (the
+suspects of NaN weight gradients on an Intel CPU, dev/LOG.md 2026-11-30). Only the fp8
+copies of x and w and their inverse scales are saved for backward, so a converted layer
+keeps 1 byte per activation element instead of 2 (bf16): that is the memory win (~9 GB of
+activations at d24).
 
 The speed win exists only on GPUs with fp8 tensor cores (SM >= 89) and only under
 torch.compile, which fuses amax, scale and cast into one pass (eager is ~4x slower).
@@ -50,23 +55,42 @@ def _to_fp8(t, fp8_dtype):
     return t_fp8.contiguous(), scale.reciprocal()
 
 
-def _col_major(t):
-    """The same matrix with column-major strides: _scaled_mm wants its second operand that way."""
-    return t.t().contiguous().t()
+@torch.library.custom_op("nanochat::fp8_scaled_mm", mutates_args=())
+def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                  out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
+    """(a * scale_a) @ (b * scale_b) of fp8 a (M, K) and b (K, N), in out_dtype, via torch._scaled_mm.
+
+    An opaque op for torch.compile: inductor sees only its fake (output shape and dtype), so it
+    can neither fuse into nor re-layout the operands. The layouts _scaled_mm needs (a row-major,
+    b column-major, CUDA's rule) are made here, by eager copies that are no-ops when the operand
+    already has that layout. Why (dev/LOG.md 2026-11-30): under a whole-model
+    torch.compile(fullgraph=True) on an Intel Sapphire Rapids CPU the weight gradients of some
+    layers came out NaN while eager, and a compiled single layer, were exact; with this op the
+    only fp8 tensors inductor writes are the row-major casts in `_to_fp8`.
+    """
+    a = a.contiguous()
+    b = b.t().contiguous().t()
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+
+@fp8_scaled_mm.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
+    return a.new_empty((a.size(0), b.size(1)), dtype=out_dtype)
 
 
 class _Float8Matmul(torch.autograd.Function):
-    """x (M, K) @ weight (N, K).T with all three matmuls of training in fp8."""
+    """x (M, K) @ weight (N, K).T with all three matmuls of training in fp8.
+
+    Operands are handed to fp8_scaled_mm as transposed views; the op materialises the layouts.
+    """
 
     @staticmethod
     def forward(ctx, x, weight):
         x_fp8, x_inv_scale = _to_fp8(x, E4M3)
         w_fp8, w_inv_scale = _to_fp8(weight, E4M3)
-        # w_fp8.t() is already column-major (a view). Fast accumulation is fine for the output
-        # but not for the gradients (Hopper's fp8 accumulator keeps fewer bits; the torchao
-        # default recipe makes the same split).
-        out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv_scale, scale_b=w_inv_scale,
-                               out_dtype=x.dtype, use_fast_accum=True)
+        # Fast accumulation is fine for the output but not for the gradients (Hopper's fp8
+        # accumulator keeps fewer bits; the torchao default recipe makes the same split).
+        out = fp8_scaled_mm(x_fp8, w_fp8.t(), x_inv_scale, w_inv_scale, x.dtype, True)
         ctx.save_for_backward(x_fp8, x_inv_scale, w_fp8, w_inv_scale)
         ctx.weight_dtype = weight.dtype
         return out
@@ -77,11 +101,9 @@ class _Float8Matmul(torch.autograd.Function):
         g_fp8, g_inv_scale = _to_fp8(grad_out, E5M2)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._scaled_mm(g_fp8, _col_major(w_fp8), scale_a=g_inv_scale, scale_b=w_inv_scale,
-                                      out_dtype=grad_out.dtype)
+            grad_x = fp8_scaled_mm(g_fp8, w_fp8, g_inv_scale, w_inv_scale, grad_out.dtype, False)
         if ctx.needs_input_grad[1]:
-            grad_w = torch._scaled_mm(g_fp8.t().contiguous(), _col_major(x_fp8), scale_a=g_inv_scale,
-                                      scale_b=x_inv_scale, out_dtype=ctx.weight_dtype)
+            grad_w = fp8_scaled_mm(g_fp8.t(), x_fp8, g_inv_scale, x_inv_scale, ctx.weight_dtype, False)
         return grad_x, grad_w
 
 

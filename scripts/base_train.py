@@ -257,12 +257,16 @@ def warm_up(compiled, model, optimizer, args, device, scaler):
     at lr 0 on zero gradients (it compiles the update functions and runs every collective once),
     after which the optimizer state is restored exactly. No rank then reaches a collective with a
     cold compile cache while the others wait (NOTES: the watchdog kills multi-node jobs that do).
+    Inputs and targets are built like the DataLoader's: two distinct int64 views of one (2, B, T)
+    block. Dynamo guards on aliasing: one tensor passed as both would compile a graph for
+    `inputs is targets` that no real batch matches, and the first step and eval would recompile.
     """
-    idx = torch.zeros(args.device_batch_size, args.max_seq_len, dtype=torch.long, device=device)
-    scaler.scale_loss(compiled(idx, idx)).backward()
+    pair = torch.zeros((2, args.device_batch_size, args.max_seq_len), dtype=torch.long, device=device)
+    inputs, targets = pair[0], pair[1]
+    scaler.scale_loss(compiled(inputs, targets)).backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad(), disable_fp8(model):
-        compiled(idx, idx, loss_reduction="none")
+        compiled(inputs, targets, loss_reduction="none")
     saved = optimizer.state_dict()
     saved["state"] = {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()}
     optimizer.update_hparams(lr_multiplier=0.0)  # p - 0 * update == p exactly (the update is finite: zero grads)

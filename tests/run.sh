@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv (CPU torch) and runs the whole pytest suite on CPU.
+# The test command: sets up .venv (CPU torch) and runs the whole pytest suite on CPU; the 15 slowest
+# tests are listed at the end (--durations=15 in pyproject.toml's addopts) so a slow new test shows.
 # Extra arguments go to pytest, e.g. bash tests/run.sh -k dataloader -x
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,6 @@
 """Tests for nanochat/fp8.py on CPU: fp8 numerics against bf16, what backward keeps, the
-_scaled_mm operand contract, conversion and disable_fp8, and a compiled fp8 training run.
+_scaled_mm operand contract, conversion and disable_fp8, and one whole-model compile shared by
+a layer-by-layer compiled-vs-eager gradient check and a short fp8-vs-bf16 training run.
 
 Tolerances are relative error norms ||fp8 - bf16|| / ||bf16||. Rounding to e4m3 (3 mantissa
 bits) moves a value by at most 2^-4 = 6.25% of itself, to e5m2 (2 bits) by at most 12.5%; the
@@ -209,13 +210,13 @@ def test_disable_fp8_round_trip():
 def test_disable_fp8_reaches_a_compiled_model():
     # eval may run through the compiled training model: dynamo's type guards must see the swap,
     # compile a plain-Linear graph once, and go back to the fp8 graph afterwards.
-    # aot_eager: the guards are dynamo's, no need to pay for C++ kernel builds here
+    # backend "eager": the guards are dynamo's, no need to pay for AOT tracing or C++ kernel builds here
     model = tiny_gpt(live_projections=True)
     idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits_bf16 = model(idx)
         convert_to_fp8(model)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
         logits_fp8 = compiled(idx)
         with disable_fp8(compiled):
             assert torch.equal(compiled(idx), logits_bf16)
@@ -234,9 +235,15 @@ def test_fp8_supported(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# compiled training: one cold compile shared by the two tests below
+# the compiled model: one cold inductor compile (most of this file's time) shared by the tests below
 
-VOCAB, SEQ_LEN, BATCH, STEPS = 512, 64, 8, 30
+VOCAB, SEQ_LEN, BATCH, STEPS = 512, 64, 8, 20
+# compiled vs eager, one parameter's gradient: both are fp8, but inductor rounds the bf16 chain around
+# the casts differently, so some values land on the other side of an fp8 rounding step, and that noise
+# compounds through the backward pass: measured up to 0.11 after the STEPS steps below (c_q, c_k), 0.14 with
+# randomly initialised projections (dev/LOG.md).
+# Broken kernels or operand layouts give ~1 or more; NaN is checked separately.
+COMPILED_VS_EAGER_TOL = 0.35
 
 
 def markov_batch(step):
@@ -250,21 +257,27 @@ def markov_batch(step):
     return rows[:, :-1], rows[:, 1:]
 
 
-def train_losses(fp8, compile):
-    # depth 2 (width 128, 12 fp8 layers), not 4: a cold inductor compile of d4 costs ~2x (C++ kernel builds)
-    model = tiny_gpt(depth=2)
-    if fp8:
-        assert convert_to_fp8(model) == 12
+def train_losses(model, step_model, steps=STEPS):
+    # lr 1e-2: at 2-3e-2 the short run is chaotic and bf16 and fp8 drift apart by 5% for no fp8 reason
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    step_model = torch.compile(model, fullgraph=True) if compile else model
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         loss = step_model(*markov_batch(step))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def eager_and_compiled_grads(model, compiled, batch):
+    """({name: eager grad}, {name: compiled grad}) of one forward+backward on the same weights."""
+    grads = []
+    for step_model in (model, compiled):
+        step_model(*batch).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    return grads
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +292,46 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def compiled_fp8_run(one_thread):
+    """The d2 model (12 fp8 layers) compiled whole as base_train compiles it: gradients against eager
+    at init (zero output projections, the state in which an Intel CPU gave NaN), then STEPS training
+    steps, then gradients against eager again with every layer carrying signal."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    losses = train_losses(fp8=True, compile=True)
+    model = tiny_gpt(depth=2)
+    assert convert_to_fp8(model) == 12
+    compiled = torch.compile(model, fullgraph=True)
+    grads_at_init = eager_and_compiled_grads(model, compiled, markov_batch(0))
+    losses = train_losses(model, compiled)
+    grads_trained = eager_and_compiled_grads(model, compiled, markov_batch(STEPS))
     counters = torch._dynamo.utils.counters
+    fp8_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Float8Linear)}
     return {"losses": losses, "graph_breaks": dict(counters["graph_break"]),
-            "unique_graphs": counters["stats"]["unique_graphs"]}
+            "unique_graphs": counters["stats"]["unique_graphs"], "fp8_weights": fp8_weights,
+            "grads_at_init": grads_at_init, "grads_trained": grads_trained}
+
+
+def assert_compiled_grads_match_eager(eager, compiled, check_closeness, when):
+    bad = {name: f"{(~g.isfinite()).sum().item()}/{g.numel()}" for name, g in compiled.items() if not g.isfinite().all()}
+    assert all(g.isfinite().all() for g in eager.values()), f"eager gradients {when} are not finite"
+    assert not bad, (f"torch.compile'd FP8 model: non-finite weight gradients {when} (NaN/inf count per parameter: {bad}) "
+                     f"where eager is finite. The compiled graph is wrong on this CPU + torch build; FP8 must not train "
+                     f"with it here (see nanochat/fp8.py fp8_scaled_mm and dev/LOG.md, 2026-11-30).")
+    for name in check_closeness:
+        if not eager[name].any():
+            assert not compiled[name].any(), f"{name}: eager gradient is exactly 0 {when}, compiled is not"
+        else:
+            err = rel_err(compiled[name], eager[name])
+            assert err < COMPILED_VS_EAGER_TOL, f"{name}: compiled vs eager gradient {when}: rel. error {err:.3f}"
+
+
+def test_compiled_fp8_gradients_match_eager_layer_by_layer(compiled_fp8_run):
+    run = compiled_fp8_run
+    # at init the scalars' gradients are rounding noise (zero output projections: every block is the
+    # identity and rms_norm undoes the lambdas' scale), so only the layers' matrices are compared there
+    assert_compiled_grads_match_eager(*run["grads_at_init"], sorted(run["fp8_weights"] | {"lm_head.weight"}), "at init")
+    eager, _ = run["grads_trained"]
+    assert all(g.any() for g in eager.values())  # after training every parameter carries signal
+    assert_compiled_grads_match_eager(*run["grads_trained"], sorted(eager), f"after {STEPS} steps")
 
 
 def test_compiled_fp8_model_has_no_graph_breaks(compiled_fp8_run):
@@ -294,7 +341,8 @@ def test_compiled_fp8_model_has_no_graph_breaks(compiled_fp8_run):
 
 def test_fp8_training_matches_bf16(compiled_fp8_run, one_thread):
     fp8 = compiled_fp8_run["losses"]
-    bf16 = train_losses(fp8=False, compile=False)
+    model = tiny_gpt(depth=2)
+    bf16 = train_losses(model, model)
     assert bf16[-1] < 0.5 * bf16[0]  # the run learned something worth comparing
     final_fp8, final_bf16 = sum(fp8[-5:]) / 5, sum(bf16[-5:]) / 5
     assert abs(final_fp8 - final_bf16) / final_bf16 < 0.03, (fp8, bf16)
