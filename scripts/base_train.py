@@ -13,14 +13,16 @@ it would read `--run` as its own `--run-path`.)
 import argparse
 import gc
 import os
+import shlex
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from nanochat import scaling
-from nanochat.checkpoint import (CheckpointError, load_meta, load_model_weights, load_rank_state, resolve_step,
-                                 save_checkpoint, step_dir)
+from nanochat.checkpoint import (CheckpointError, checkpoint_bytes, free_bytes, list_steps, load_meta, load_model_weights,
+                                 load_rank_state, resolve_step, save_checkpoint, step_dir)
 from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops,
                              print0, synchronize)
@@ -32,6 +34,7 @@ from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, sp
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scale import DynamicLossScaler
+from nanochat.preemption import PreemptionHandler
 from nanochat.report import RunLog, diagnose_low_mfu, model_flops_utilization
 from nanochat.tokenizer import TokenizerError, get_tokenizer, tokenizer_signature
 
@@ -42,6 +45,7 @@ GC_COLLECT_EVERY = 5000  # NOTES: a collection costs ~500 ms on a long run; do i
 VAL_PACKER = "greedy"
 # Bad input the loop can meet (a missing or damaged file, a wrong resume): one line, no traceback.
 BAD_INPUT_ERRORS = (BundleError, CheckpointError, DataError, TokenizerError)
+DISK_CHECK_EVERY = 100  # steps between free-space checks (a statfs: cheap, but slow on some network filesystems)
 
 
 def parse_args(argv=None):
@@ -241,6 +245,38 @@ def manage_gc(steps_done_here):
         gc.collect()
 
 
+def resume_command(run_dir, step, argv=None):
+    """The command line that continues this run from checkpoint `step`: this run's flags, the run dir spelled out.
+    (argparse keeps the last of a repeated flag, so the appended ones win over any abbreviation in argv.)"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in ("--resume-from-step", "--run-dir"):
+            skip_value = True
+        elif not arg.startswith(("--resume-from-step=", "--run-dir=")):
+            kept.append(arg)
+    kept += ["--run-dir", os.path.abspath(run_dir), "--resume-from-step", str(step)]
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world == 1:
+        launcher = "python -m scripts.base_train"
+    elif world == local:
+        launcher = f"torchrun --standalone --nproc_per_node={local} -m scripts.base_train --"
+    else:
+        launcher = f"torchrun --nnodes={world // local} --nproc_per_node={local} <this run's rendezvous flags> -m scripts.base_train --"
+    return f"{launcher} {shlex.join(kept)}"
+
+
+def disk_space_warning(checkpoint_root, need_bytes):
+    """A warning line when the next checkpoint (need_bytes) does not fit in the free space, else None."""
+    free = free_bytes(checkpoint_root)
+    if free >= need_bytes:
+        return None
+    return (f"WARNING: a checkpoint needs {need_bytes:,} bytes but only {free:,} are free at {checkpoint_root}, so the next "
+            "save will fail: free space there, or stop the run and resume it with its checkpoints moved to a bigger disk")
+
+
 def data_signature(args, tokenizer, val_files, eval_tokens):
     """What a val bpb depends on besides the model: runs may be compared only when these match."""
     return {
@@ -342,6 +378,20 @@ def main(argv=None):
                  resume_step=loop["step"] if args.resume_from_step else None, enabled=master)
 
     warm_up(compiled, model, optimizer, args, device, scaler)
+    # MuonAdamW allocates its state up front, so this is the real size of a checkpoint (within headers)
+    checkpoint_need_bytes = checkpoint_bytes(model, {"optimizer": optimizer.state_dict()})
+    disk_warning = None
+
+    def warn_if_disk_short():
+        """Warns once per drop of the free space below one checkpoint: checked at start, after each save and
+        every DISK_CHECK_EVERY steps, so there is time to act before the save that would fail."""
+        nonlocal disk_warning
+        warning = disk_space_warning(checkpoint_root, checkpoint_need_bytes) if master else None
+        if warning and not disk_warning:
+            print0(warning)
+        disk_warning = warning
+
+    warn_if_disk_short()
     token_bytes = tokenizer.token_bytes().to(device)
     num_iterations, grad_accum = hp["num_iterations"], hp["grad_accum_steps"]
     flops_per_token, total_batch = hp["flops_per_token"], hp["total_batch_tokens"]
@@ -352,9 +402,30 @@ def main(argv=None):
         """Periodic work at this step? Never at step 0, nor again at the step a resume starts from."""
         return every > 0 and step % every == 0 and step > start_step
 
+    def save(step):
+        """Collective checkpoint of everything a resume needs; a failed save ends the run with the resume command."""
+        meta = {"model_config": config.to_dict(), "args": vars(args), "hyperparameters": hp, "loop_state": loop}
+        rank_state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                      "scaler": scaler.state_dict()}
+        try:
+            path = save_checkpoint(checkpoint_root, step, model, rank_state, meta, rank, world_size)
+        except CheckpointError as e:
+            steps = list_steps(checkpoint_root)
+            raise CheckpointError(f"{e} — then resume with: {resume_command(run_dir, steps[-1])}" if steps else
+                                  f"{e} — then start the run again") from None
+        print0(f"saved checkpoint {path}")
+        warn_if_disk_short()
+
+    preemption = PreemptionHandler().install()
+    stopping = False  # set on every rank at once, after a step, when any rank got SIGTERM/SIGINT
     while True:
         step = loop["step"]
         last = step == num_iterations
+        if stopping and not last:  # preempted: save (even with --save-every 0) and stop; no eval, time is short
+            save(step)
+            print0(f"stopped at step {step} on {preemption.received or 'a signal to another rank'}; "
+                   f"resume with: {resume_command(run_dir, step)}")
+            break
         progress = {"step": step, "total_training_flops": flops_per_token * total_batch * step,
                     "total_training_time": loop["total_training_time"]}
         if last or due(args.eval_every, step) or (step == 0 and args.eval_every > 0):
@@ -367,11 +438,7 @@ def main(argv=None):
             log.log({**progress, "val/bpb": val_bpb})
         # save before CORE and sampling: whatever they do, the trained weights are already on disk
         if args.save_every != 0 and step > start_step and (last or due(args.save_every, step)):
-            meta = {"model_config": config.to_dict(), "args": vars(args), "hyperparameters": hp, "loop_state": loop}
-            rank_state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                          "scaler": scaler.state_dict()}
-            path = save_checkpoint(checkpoint_root, step, model, rank_state, meta, rank, world_size)
-            print0(f"saved checkpoint {path}")
+            save(step)
         if core_bundle and (last or due(args.core_metric_every, step)):
             core = run_core(model, tokenizer, core_bundle, args, device, config)
             log.log({**progress, "core_metric": core["core_metric"], **{f"core/{k}": v for k, v in core["centered"].items()}})
@@ -417,7 +484,11 @@ def main(argv=None):
             diagnosis = diagnose_low_mfu(*mean, args.device_batch_size * args.max_seq_len)
             if diagnosis:
                 print0(f"WARNING: {diagnosis}")
+        if step % DISK_CHECK_EVERY == 0:
+            warn_if_disk_short()
+        stopping = preemption.stop_requested()  # collective: every rank stops after this same step
 
+    preemption.uninstall()
     print0(f"done: {loop['step']} steps, min val bpb {loop['min_val_bpb']:.4f}, "
            f"training time {loop['total_training_time'] / 60:.2f}m, wall {(time.time() - run_start) / 60:.2f}m")
     if device.type == "cuda":
