@@ -70,7 +70,7 @@ class SourceSpec:
 
     def describe(self):
         """Identity of the source for signatures and loader states (no machine-specific paths for directories)."""
-        where = os.path.basename(os.path.normpath(self.location)) if self.kind == "parquet_dir" else self.location
+        where = self.location if self.kind == "datasets" and not self.builder else os.path.basename(os.path.normpath(self.location))
         extra = "" if self.kind == "parquet_dir" else f" val={self.val_documents}"
         if self.config:
             extra += f" config={self.config}"
