@@ -15,9 +15,9 @@ The spec (`--data`): comma-separated items `SOURCE[@COLUMN][:WEIGHT]`.
   @COLUMN  the text column of that source (default: --text-column, itself `text`); a .txt file's is `text`
   :WEIGHT  a number > 0 (default 1); weights are normalised to shares of the packed training tokens.
 The weight is the part after the LAST colon; the `hf:` prefix is not one. So a local path that
-holds a ':' must carry an explicit weight (`/data/run:3:1` is /data/run:3 at weight 1), and
-`/data/run:3` alone is refused rather than read as weight 3 of /data/run. '@' starts a column
-name only after the last '/' (a directory's own '@' must be followed by `@text` to be read).
+holds a ':' must carry an explicit weight: `/data/run:3:1` is /data/run:3 at weight 1, while
+`/data/run:3` is /data/run at weight 3. '@' starts a column name only after the last '/' (a
+directory whose own name holds '@' needs an explicit `@text`).
 
 Validation: a directory's last parquet file (as before); for a `datasets` source, the first
 `val_documents` documents of its stream (a fixed slice: streamed sources have no file order to
