@@ -124,7 +124,10 @@ def _source_name(source, kind, config):
         base = source[3:].split("/")[1] if "/" in source[3:] else source[3:]
         base += f"-{config}" if config else ""
     else:
-        base = os.path.basename(os.path.normpath(source))
+        path = os.path.normpath(source)
+        if glob.has_magic(os.path.basename(path)):  # /data/notes/*.jsonl -> notes
+            path = os.path.dirname(path)
+        base = os.path.basename(path)
         for suffix in sorted(FILE_BUILDERS, key=len, reverse=True):
             base = base.removesuffix(suffix)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_") or "data"

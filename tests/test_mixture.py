@@ -87,6 +87,8 @@ def test_spec_syntax(halves, jsonl, tmp_path, monkeypatch):
     (notes,) = parse_data_spec(f"{jsonl}@content:0.5", text_column="body")
     assert (notes.name, notes.builder, notes.text_column, notes.weight) == ("notes", "json", "content", 0.5)
     assert parse_data_spec(jsonl, text_column="body")[0].text_column == "body"  # --text-column for the rest
+    (many,) = parse_data_spec(os.path.join(os.path.dirname(jsonl), "*.jsonl@content"))  # a glob: named by its dir
+    assert (many.name, many.builder) == (os.path.basename(os.path.dirname(jsonl)), "json")
     # a path holding ':' -- the weight is the part after the LAST colon
     colon_dir = tmp_path / "run:3"
     colon_dir.mkdir()
