@@ -476,10 +476,13 @@ def check_sources(sources):
             open_parquet(val_files[0], source.text_column)
             continue
         share = stream_share_texts(open_stream(source), source, 0, None, 0, 1)
-        try:
-            next(share, None)  # the first batch: checks the text column
+        try:  # the first batch checks the text column; training needs a document after the validation slice
+            documents = sum(1 for _, _ in zip(range(source.val_documents + 1), share))
         finally:
             share.close()
+        if documents <= source.val_documents:
+            raise DataError(f"source {source.name} ({source.location}) has only {documents} documents, all of them "
+                            f"taken by its validation slice (the first {source.val_documents}): use more data")
 
 
 def _texts_only(share):

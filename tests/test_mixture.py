@@ -125,7 +125,16 @@ def test_missing_text_column_fails_before_reading(halves, jsonl):
         check_sources(parse_data_spec(f"{halves[0]}@body:1"))
     with pytest.raises(DataError, match=r"has no `text` column \(columns: id, content\)"):
         check_sources(parse_data_spec(jsonl))
-    check_sources(parse_data_spec(f"{halves[0]}:1,{jsonl}@content:1"))
+    check_sources(parse_data_spec(f"{halves[0]}:1,{jsonl}@content:1", val_documents=VAL_DOCS))
+
+
+def test_preflight_checks_every_source(tokenizer, halves, jsonl, tmp_path):
+    from scripts import preflight
+    big = write_jsonl(tmp_path / "big.jsonl", 1100)  # more than the default 1000-document validation slice
+    rows = preflight.check_data("", tokenizer, 10**5, f"{halves[0]}:1,{big}@content:1")
+    assert [(r.check, r.status) for r in rows] == [("data alpha", "PASS"), ("data big", "PASS")]
+    rows = preflight.check_data("", tokenizer, 10**5, f"{halves[0]}:1,{jsonl}@content:1")  # 400 documents
+    assert rows[1].status == "FAIL" and "only 400 documents" in rows[1].message
 
 
 def test_hub_source_offline_fails_at_once(monkeypatch):
