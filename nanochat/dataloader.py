@@ -136,10 +136,6 @@ class DataLoader:
             self._close_documents()
             raise
         self._shares = shares(self.sources)
-        # a buffer bigger than this rank's data would hold several copies of each document and
-        # re-read the whole share per refill: cap it at one epoch (matters only for tiny data;
-        # a training stream's length is unknown, so its buffer is never capped)
-        self._buffer_docs = [max(1, min(buffer_size, d.num_documents or buffer_size)) for d in self._documents]
         self._packers = [PACKERS[packer]() for _ in self.sources]
         self._packed_tokens = [0] * len(self.sources)
         self._config = {
@@ -163,9 +159,15 @@ class DataLoader:
                 "buffer": [p.coords() for p in self._packers],
                 "packed_tokens": list(self._packed_tokens)}
 
+    def _buffer_cap(self, documents):
+        """A buffer bigger than this rank's data would hold several copies of each document and re-read
+        the whole share per refill: cap it at one epoch (matters only for tiny data; a training stream's
+        length is known only once it has wrapped, so its buffer may hold one repeat before that)."""
+        return max(1, min(self.buffer_size, documents.num_documents or self.buffer_size))
+
     def _take(self, i, space):
         packer, documents = self._packers[i], self._documents[i]
-        while len(packer) < self._buffer_docs[i]:
+        while len(packer) < self._buffer_cap(documents):
             packer.add(*documents.next_document())
         return packer.take(space)
 

@@ -294,8 +294,11 @@ class StreamDocuments:
         self.epoch, self.index = 0, 0  # next document: this rank's share index `index`
         self._batches = None
         self._pending = deque()  # (k, tokens) read ahead within the current batch
-        # validation is small: count its share now so one_pass() knows where an epoch ends
-        self.num_documents = sum(1 for _ in self._share_texts(0)) if split == "val" else None
+        # validation is small: count its share now so one_pass() knows where an epoch ends; a training
+        # stream's length is learned when it first wraps (and kept in the position: the loader caps
+        # its buffer at one epoch from then on, as it does for a directory)
+        self._counted = split == "val"
+        self.num_documents = sum(1 for _ in self._share_texts(0)) if self._counted else None
         if self.num_documents == 0:
             raise DataError(f"source {source.name} ({source.location}) has no validation documents for rank {rank}: "
                             f"its first {source.val_documents} documents are the validation slice")
@@ -304,11 +307,13 @@ class StreamDocuments:
         return stream_share_texts(self.dataset, self.source, self.first, self.stop, self.rank, self.world_size, k_from)
 
     def position(self):
-        return [self.epoch, self.index]
+        return [self.epoch, self.index, 0 if self._counted else self.num_documents or 0]
 
     def seek(self, position):
         self.close()
-        self.epoch, self.index = position
+        self.epoch, self.index, learned = position
+        if not self._counted:
+            self.num_documents = learned or None
 
     def close(self):
         if self._batches is not None:
@@ -337,6 +342,7 @@ class StreamDocuments:
             self._batches = None
             if self.index == 0:
                 break
+            self.num_documents = self.num_documents or self.index  # the end of an epoch: now its length is known
             self.epoch, self.index = self.epoch + 1, 0
         raise DataError(f"source {self.source.name} ({self.source.location}) has no documents for rank {self.rank} "
                         f"after its {self.source.val_documents}-document validation slice: use more data or fewer ranks")

@@ -202,6 +202,23 @@ def test_exact_resume_of_a_mixture_with_a_stream(tokenizer, halves, jsonl, world
         assert not torch.equal(firsts[0], firsts[1]), "ranks must read different data"
 
 
+def test_a_small_stream_caps_its_buffer_at_one_epoch_and_resumes_exactly(tokenizer, jsonl):
+    """380 training documents, buffer_size 1000: once the stream has wrapped, the buffer holds at most one epoch."""
+    sources = parse_data_spec(f"{jsonl}@content", val_documents=VAL_DOCS)
+    kwargs = dict(data=sources, buffer_size=1000, prefetch_batches=2)
+    with DataLoader(tokenizer, 4, 64, **kwargs) as loader:
+        reference = take_batches(loader, 30)
+    with DataLoader(tokenizer, 4, 64, **kwargs) as loader:
+        first = take_batches(loader, 12)
+        state = json.loads(json.dumps(loader.state_dict()))
+    assert state["position"][0][2] == 400 - VAL_DOCS  # the stream's length, learned at its first wrap
+    assert len(state["buffer"][0]) <= 400 - VAL_DOCS
+    with DataLoader(tokenizer, 4, 64, **kwargs) as resumed:
+        resumed.load_state_dict(state)
+        rest = take_batches(resumed, 18)
+    assert_same_batches(first + rest, reference)
+
+
 def test_a_state_of_another_mixture_is_refused(tokenizer, halves, jsonl):
     with DataLoader(tokenizer, 2, 32, data=f"{halves[0]}:0.7,{halves[1]}:0.3", buffer_size=4) as loader:
         next(loader)
