@@ -27,7 +27,7 @@ Ranks: a directory shares row groups strided by rank (dataset.py); a stream shar
 strided by rank (document i goes to rank i % world_size): every rank reads the whole stream.
 
 Exact resume of a stream: a document is named by its index in this rank's share, so the state
-is (epoch, next index) plus the buffered indices. Resuming re-reads the stream from its start
+is (epoch, next index, the stream's length once it has wrapped) plus the buffered indices. Resuming re-reads the stream from its start
 up to that point (without tokenizing); dev/LOG.md has the cost. A partly consumed `datasets`
 iterator can abort the interpreter at exit (NOTES.md), so every iterator here is a generator
 closed explicitly in a finally block, and directories never go through `datasets` at all.
