@@ -1,8 +1,14 @@
 """Token batches for training: best-fit BOS-aligned packing, crop statistics, exact resume, prefetch.
 
-Pipeline (per rank): this rank's row groups (dataset.py) -> documents tokenized with BOS
-prepended (int32 arrays) -> a buffer of `buffer_size` whole documents (at most one epoch of
-this rank's data) -> rows of exactly T+1 tokens -> (inputs, targets) = the rows shifted by one.
+Pipeline (per rank): for each source of the mixture (mixture.py: a parquet directory, or a
+`datasets` stream), this rank's documents tokenized with BOS prepended (int32 arrays) -> that
+source's buffer of `buffer_size` whole documents (at most one epoch of this rank's data) ->
+rows of exactly T+1 tokens -> (inputs, targets) = the rows shifted by one.
+
+Mixtures: every row comes from one source, picked by `most_behind_source` (the source furthest
+below its weight's share of the packed tokens so far). Rows are all T+1 tokens, so the token
+shares are exact to within one row, with no RNG; and each row is packed best-fit from its own
+source's buffer exactly as a one-source loader would. One source is the same code with one buffer.
 
 Best-fit packing (shared NOTES.md, "Data"): every row starts at a document start, so with
 BOS; fill the row with the largest buffered document that fits the space left; when none
@@ -16,9 +22,10 @@ Two crop measures, both reported per batch in `last_stats`:
 Long documents pile up in a best-fit buffer (they leave only when they are the shortest), so
 both measures drift upward over the first few hundred batches: measure after a warm-up.
 
-Exact resume: a document is named by its coordinates (file, row group, row) and tokenizes
-the same every time, so the state is just the read position plus the coordinates of the
-buffered documents, in insertion order. A background thread runs ahead; every batch it
+Exact resume: a document is named by its coordinates (file, row group, row; or its index in a
+stream) and tokenizes the same every time, so the state is, per source, the read position plus
+the coordinates of the buffered documents in insertion order, and the packed-token counts the
+mixing rule reads. A background thread runs ahead; every batch it
 queues carries the state *after* that batch, and `state_dict()` returns the state of the
 last batch the consumer received, never the thread's read-ahead. In a multi-rank run every
 rank's state differs: save each, or gather them with `state_dict_all_ranks()` (a collective).
@@ -33,76 +40,10 @@ from collections import deque
 import numpy as np
 import torch
 
-from nanochat.dataset import DataError, list_parquet_files, rank_row_groups, read_row_group, split_files
+from nanochat.mixture import TEXT_COLUMN, VAL_DOCUMENTS, most_behind_source, open_documents, resolve_sources, shares
 from nanochat.tokenizer import tokenizer_signature
 
-STATE_VERSION = 1
-
-
-class DocumentSource:
-    """This rank's tokenized documents in a fixed order, forever (epochs wrap), from a resumable position."""
-
-    def __init__(self, files, tokenizer, rank, world_size, num_threads):
-        self.files = files
-        self.tokenizer = tokenizer
-        self.num_threads = num_threads
-        share = rank_row_groups(files, rank, world_size)
-        self.row_groups = [(fi, rg) for fi, rg, _ in share]
-        self.num_documents = sum(rows for _, _, rows in share)  # per epoch
-        self.epoch, self.index, self.row = 0, 0, 0  # next document: row `row` of self.row_groups[index]
-        self._docs = None  # token lists of the current row group, rows >= self.row still to hand out
-
-    def position(self):
-        return [self.epoch, self.index, self.row]
-
-    def seek(self, position):
-        epoch, index, row = position
-        if not 0 <= index < len(self.row_groups):
-            raise DataError(f"loader state points at row group {index} of this rank's {len(self.row_groups)}: "
-                            "it belongs to different data; resume with the data directory it was saved with")
-        self.epoch, self.index, self.row = epoch, index, row
-        self._docs = None
-
-    def _tokenize(self, texts):
-        # int32 arrays: a buffer of long documents as Python int lists would take ~36 bytes per token
-        return [np.array(ids, dtype=np.int32) for ids in
-                self.tokenizer.encode(texts, prepend_bos=True, num_threads=self.num_threads)]
-
-    def next_document(self):
-        """((file, row group, row), tokens) of the next document; tokens start with BOS."""
-        for _ in range(2 * len(self.row_groups) + 1):  # bounded: a share of empty row groups must not spin
-            fi, rg = self.row_groups[self.index]
-            if self._docs is None:
-                self._docs = self._tokenize(read_row_group(self.files[fi], rg))
-            if self.row < len(self._docs):
-                break
-            self.index, self.row, self._docs = self.index + 1, 0, None
-            if self.index == len(self.row_groups):
-                self.epoch, self.index = self.epoch + 1, 0
-        else:
-            files = sorted({self.files[fi] for fi, _ in self.row_groups})
-            raise DataError(f"this rank's row groups hold no documents ({', '.join(files)}): add text to the data")
-        doc = self._docs[self.row]
-        coord = (fi, rg, self.row)
-        self.row += 1
-        return coord, doc
-
-    def fetch(self, coords):
-        """Tokens of the documents at the given coordinates (random access, used to rebuild a buffer)."""
-        wanted = {}
-        for fi, rg, row in coords:
-            wanted.setdefault((fi, rg), []).append(row)
-        tokens = {}
-        for (fi, rg), rows in wanted.items():
-            if not 0 <= fi < len(self.files):
-                raise DataError(f"loader state names file #{fi}, the data directory has {len(self.files)} files")
-            texts = read_row_group(self.files[fi], rg)
-            if max(rows) >= len(texts):
-                raise DataError(f"loader state names row {max(rows)} of {self.files[fi]} row group {rg}, "
-                                f"which has {len(texts)} rows: the file changed since the state was saved")
-            for row, ids in zip(rows, self._tokenize([texts[r] for r in rows])):
-                tokens[(fi, rg, row)] = ids
-        return [tokens[tuple(c)] for c in coords]
+STATE_VERSION = 2  # 2: per-source positions, buffers and packed-token counts (mixtures)
 
 
 class BestFitPacker:
@@ -163,13 +104,15 @@ PACKERS = {"best_fit": BestFitPacker, "greedy": GreedyPacker}
 class DataLoader:
     """Iterator of (inputs, targets), each (B, T) int64, packed best-fit and BOS-aligned, resumable exactly.
 
-    rank/world_size pick this rank's strided share of the row groups. device="cuda..." copies
-    each batch through pinned memory with a non-blocking copy. prefetch_batches=0 produces
-    batches in the caller's thread (no background thread).
+    data: a `--data` spec string or a list of mixture.SourceSpec; without it, data_dir (or the
+    default data directory) is the one source. rank/world_size pick this rank's strided share of
+    every source. device="cuda..." copies each batch through pinned memory with a non-blocking
+    copy. prefetch_batches=0 produces batches in the caller's thread (no background thread).
     """
 
     def __init__(self, tokenizer, batch_size, seq_len, split="train", data_dir=None, rank=0, world_size=1,
-                 device="cpu", buffer_size=1000, packer="best_fit", prefetch_batches=4, num_threads=8):
+                 device="cpu", buffer_size=1000, packer="best_fit", prefetch_batches=4, num_threads=8, data=None,
+                 text_column=TEXT_COLUMN, val_documents=VAL_DOCUMENTS):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if batch_size < 1 or seq_len < 1 or buffer_size < 1:
@@ -178,20 +121,26 @@ class DataLoader:
             raise ValueError(f"packer must be one of {', '.join(PACKERS)}, got {packer!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        train_files, val_files = split_files(list_parquet_files(data_dir))
-        self.files = train_files if split == "train" else val_files
+        self.sources = resolve_sources(data or "", data_dir, text_column, val_documents)
+        self.source_names = [s.name for s in self.sources]
         self.batch_size, self.seq_len, self.buffer_size = batch_size, seq_len, buffer_size
         self.rank, self.world_size, self.packer_name = rank, world_size, packer
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda"
         self.prefetch_batches = prefetch_batches
-        self._source = DocumentSource(self.files, tokenizer, rank, world_size, num_threads)
-        # a buffer bigger than this rank's data would hold several copies of each document and
-        # re-read the whole share per refill: cap it at one epoch (matters only for tiny data)
-        self._buffer_docs = max(1, min(buffer_size, self._source.num_documents))
-        self._packer = PACKERS[packer]()
+        self._documents = []
+        try:
+            for source in self.sources:
+                self._documents.append(open_documents(source, split, tokenizer, rank, world_size, num_threads))
+        except BaseException:
+            self._close_documents()
+            raise
+        self._shares = shares(self.sources)
+        self._packers = [PACKERS[packer]() for _ in self.sources]
+        self._packed_tokens = [0] * len(self.sources)
         self._config = {
-            "version": STATE_VERSION, "split": split, "files": [os.path.basename(f) for f in self.files],
+            "version": STATE_VERSION, "split": split, "data": [s.describe() for s in self.sources],
+            "files": [[os.path.basename(f) for f in getattr(d, "files", [])] for d in self._documents],
             "batch_size": batch_size, "seq_len": seq_len, "buffer_size": buffer_size, "packer": packer,
             "rank": rank, "world_size": world_size, "tokenizer": tokenizer_signature(tokenizer),
         }
@@ -206,19 +155,31 @@ class DataLoader:
     # production (background thread, or the caller's thread when prefetch_batches=0)
 
     def _snapshot(self):
-        return {"position": self._source.position(), "buffer": self._packer.coords()}
+        return {"position": [d.position() for d in self._documents],
+                "buffer": [p.coords() for p in self._packers],
+                "packed_tokens": list(self._packed_tokens)}
 
-    def _take(self, space):
-        while len(self._packer) < self._buffer_docs:
-            self._packer.add(*self._source.next_document())
-        return self._packer.take(space)
+    def _buffer_cap(self, documents):
+        """A buffer bigger than this rank's data would hold several copies of each document and re-read
+        the whole share per refill: cap it at one epoch (matters only for tiny data; a training stream's
+        length is known only once it has wrapped, so its buffer may hold one repeat before that)."""
+        return max(1, min(self.buffer_size, documents.num_documents or self.buffer_size))
+
+    def _take(self, i, space):
+        packer, documents = self._packers[i], self._documents[i]
+        while len(packer) < self._buffer_cap(documents):
+            packer.add(*documents.next_document())
+        return packer.take(space)
 
     def _pack_row(self, row):
-        """Fills `row` (a 1-D int64 array) exactly; returns (cropped, thrown, documents) token counts."""
+        """Fills `row` (a 1-D int64 array) exactly from the source most behind its share.
+
+        Returns (source index, cropped, thrown, documents) token counts."""
+        i = most_behind_source(self._packed_tokens, self._shares)
         filled, cropped, thrown, docs = 0, 0, 0, 0
         while filled < len(row):
             space = len(row) - filled
-            _, tokens = self._take(space)
+            _, tokens = self._take(i, space)
             docs += 1
             n = min(len(tokens), space)
             row[filled:filled + n] = tokens[:n]
@@ -226,15 +187,19 @@ class DataLoader:
             if n < len(tokens):
                 cropped += n
                 thrown += len(tokens) - n
-        return cropped, thrown, docs
+        self._packed_tokens[i] += len(row)
+        return i, cropped, thrown, docs
 
     def _produce(self):
         B, T = self.batch_size, self.seq_len
         packed = np.empty((B, T + 1), dtype=np.int64)
         cropped, thrown, docs = 0, 0, 0
+        source_tokens, source_docs = [0] * len(self.sources), [0] * len(self.sources)
         for row in packed:
-            c, t, d = self._pack_row(row)
+            i, c, t, d = self._pack_row(row)
             cropped, thrown, docs = cropped + c, thrown + t, docs + d
+            source_tokens[i] += T + 1
+            source_docs[i] += d
         packed = torch.from_numpy(packed)
         # inputs and targets as one contiguous (2, B, T) block: one host-to-device copy, two contiguous views
         pair = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self.pin_memory)
@@ -246,7 +211,9 @@ class DataLoader:
             "cropped_tokens": cropped, "thrown_tokens": thrown,
             "crop_fraction": cropped / n_packed,
             "consumed_crop_fraction": thrown / (n_packed + thrown),
-            "epoch": self._source.epoch,
+            "epoch": max(d.epoch for d in self._documents),
+            "source_packed_tokens": dict(zip(self.source_names, source_tokens)),
+            "source_documents": dict(zip(self.source_names, source_docs)),
         }
         return pair, stats, self._snapshot()
 
@@ -303,7 +270,7 @@ class DataLoader:
         return pair[0], pair[1]
 
     def one_pass(self):
-        """This loader's batches while this rank has taken at most one epoch's worth of documents.
+        """This loader's batches while this rank has taken at most one epoch's worth of each source's documents.
 
         For evaluation: the stream wraps forever, so asking a small validation split for more
         tokens than it holds would count its documents several times. With packer="greedy"
@@ -311,18 +278,21 @@ class DataLoader:
         re-read documents before long buffered ones, so with it this only bounds the repeats.
         `one_pass_batches` counts the batches it has yielded, for reporting.
         """
-        documents, self.one_pass_batches = 0, 0
+        documents, self.one_pass_batches = dict.fromkeys(self.source_names, 0), 0
+        limits = {name: d.num_documents for name, d in zip(self.source_names, self._documents)}
         for batch in self:
-            documents += self.last_stats["documents"]
-            if documents > self._source.num_documents:
+            for name, n in self.last_stats["source_documents"].items():
+                documents[name] += n
+            if any(limits[name] is not None and documents[name] > limits[name] for name in documents):
                 return
             self.one_pass_batches += 1
             yield batch
 
     def state_dict(self):
         """JSON-serialisable state after the last batch returned (this rank only)."""
-        return {**self._config, "position": list(self._state["position"]),
-                "buffer": [list(coord) for coord in self._state["buffer"]]}
+        return {**self._config, "position": [list(p) for p in self._state["position"]],
+                "buffer": [[list(coord) for coord in coords] for coords in self._state["buffer"]],
+                "packed_tokens": list(self._state["packed_tokens"])}
 
     def load_state_dict(self, state):
         """Resumes so the next batch is the one that followed when `state` was taken.
@@ -337,7 +307,7 @@ class DataLoader:
         mismatched = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in self._config.items() if state.get(k) != v]
         if mismatched:
             raise ValueError("loader state does not match this loader (" + "; ".join(mismatched) + "): exact resume "
-                             "needs the same data, tokenizer, batch shape and ranks")
+                             "needs the same data (--data mixture), tokenizer, batch shape and ranks")
         self.close()
         self._rewind_producer(state)
 
@@ -352,6 +322,14 @@ class DataLoader:
 
     def close(self):
         """Stops the background thread; the next batch restarts it from the consumer's position."""
+        self._stop_thread()
+        self._close_documents()
+
+    def _close_documents(self):
+        for documents in self._documents:  # no half-read `datasets` iterator may outlive the loader
+            documents.close()
+
+    def _stop_thread(self):
         if self._thread is None:
             return
         self._stop.set()
@@ -365,12 +343,15 @@ class DataLoader:
         self._producer_ahead = True  # the thread read ahead of the consumer: rewind before producing again
 
     def _rewind_producer(self, snapshot):
-        """Puts the source and the buffer where `snapshot` says (re-reading the buffered documents)."""
-        self._packer = PACKERS[self.packer_name]()
-        coords = [tuple(c) for c in snapshot["buffer"]]
-        for coord, tokens in zip(coords, self._source.fetch(coords)):
-            self._packer.add(coord, tokens)
-        self._source.seek(snapshot["position"])
+        """Puts every source and buffer where `snapshot` says (re-reading the buffered documents)."""
+        self._packers = [PACKERS[self.packer_name]() for _ in self.sources]
+        for packer, documents, buffered, position in zip(self._packers, self._documents, snapshot["buffer"],
+                                                         snapshot["position"]):
+            coords = [tuple(c) for c in buffered]
+            for coord, tokens in zip(coords, documents.fetch(coords)):
+                packer.add(coord, tokens)
+            documents.seek(position)
+        self._packed_tokens = list(snapshot["packed_tokens"])
         self._state = self._snapshot()
         self._producer_ahead = False
 

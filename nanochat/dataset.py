@@ -1,4 +1,4 @@
-"""Pretraining text on disk: ClimbMix shards or any local directory of parquet files with a `text` column.
+"""Pretraining text on disk: ClimbMix shards or any local directory of parquet files with a text column.
 
 Owns: where the data directory is, which file is validation (the last one, sorted by name),
 reading documents by row group with this rank's share of the row groups, and downloading
@@ -7,7 +7,8 @@ ClimbMix shards from the Hugging Face Hub. It never tokenizes.
 ClimbMix (shared NOTES.md, "Data"): `karpathy/climbmix-400b-shuffle`, files
 `shard_00000.parquet` ... `shard_06542.parquet`, row groups of 1024 documents; the last
 shard is the validation split. `python -m nanochat.dataset -n N` downloads shards 0..N-1
-plus that validation shard.
+plus that validation shard. Mixtures of several sources, and sources read through the
+`datasets` library, are nanochat/mixture.py's.
 
 Every bad-input error names the file and what to do about it.
 """
@@ -67,47 +68,48 @@ def split_files(files):
 # -----------------------------------------------------------------------------
 # reading
 
-def open_parquet(path):
-    """A pyarrow ParquetFile, checked to be readable and to have a `text` column."""
+def open_parquet(path, column=TEXT_COLUMN):
+    """A pyarrow ParquetFile, checked to be readable and to have the text column (`text` unless told)."""
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} is not a readable parquet file (corrupt or truncated: {e}); delete it and "
                         "re-download it (`python -m nanochat.dataset -n N` resumes), or remove it from the data directory") from None
     names = pf.schema_arrow.names
-    if TEXT_COLUMN not in names:
-        raise DataError(f"{path} has no `{TEXT_COLUMN}` column (columns: {', '.join(names)}); nanochat reads "
-                        f"documents from a string column named `{TEXT_COLUMN}`: rename the column or remove the file")
+    if column not in names:
+        raise DataError(f"{path} has no `{column}` column (columns: {', '.join(names)}); nanochat reads "
+                        f"documents from a string column named `{column}`: name the right one (--text-column, or "
+                        "SOURCE@COLUMN in --data), rename the column, or remove the file")
     return pf
 
 
-def list_row_groups(files):
+def list_row_groups(files, column=TEXT_COLUMN):
     """Every (file index, row group index, rows) of the files, in order. Opens each footer once (fails fast)."""
     row_groups = []
     for fi, path in enumerate(files):
-        metadata = open_parquet(path).metadata
+        metadata = open_parquet(path, column).metadata
         row_groups += [(fi, rg, metadata.row_group(rg).num_rows) for rg in range(metadata.num_row_groups)]
     return row_groups
 
 
-def rank_row_groups(files, rank=0, world_size=1):
+def rank_row_groups(files, rank=0, world_size=1, column=TEXT_COLUMN):
     """This rank's share: row groups strided by rank over all files, so ranks are disjoint and cover everything."""
-    row_groups = list_row_groups(files)
+    row_groups = list_row_groups(files, column)
     if len(row_groups) < world_size:
         raise DataError(f"{len(row_groups)} row group(s) in {', '.join(files)} cannot be shared by {world_size} ranks: "
                         "every rank needs at least one; use more files or smaller row groups")
     return row_groups[rank::world_size]
 
 
-def read_row_group(path, row_group):
+def read_row_group(path, row_group, text_column=TEXT_COLUMN):
     """The documents (list[str]) of one row group, checked to be non-null UTF-8 text."""
     try:
-        column = open_parquet(path).read_row_group(row_group, columns=[TEXT_COLUMN]).column(TEXT_COLUMN)
+        column = open_parquet(path, text_column).read_row_group(row_group, columns=[text_column]).column(text_column)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: row group {row_group} cannot be read (corrupt or truncated: {e}); delete the file and "
                         "re-download it, or remove it from the data directory") from None
     if column.null_count:
-        raise DataError(f"{path}: row group {row_group} has {column.null_count} null `{TEXT_COLUMN}` value(s); "
+        raise DataError(f"{path}: row group {row_group} has {column.null_count} null `{text_column}` value(s); "
                         "drop those rows or fill them with text")
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         texts = []
@@ -119,7 +121,7 @@ def read_row_group(path, row_group):
                                 "UTF-8 or remove the file") from None
         return texts
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise DataError(f"{path}: column `{TEXT_COLUMN}` has type {column.type}, expected string")
+        raise DataError(f"{path}: column `{text_column}` has type {column.type}, expected string")
     for chunk in column.chunks:
         try:
             chunk.validate(full=True)  # parquet does not enforce UTF-8: a string column can hold any bytes
@@ -129,10 +131,10 @@ def read_row_group(path, row_group):
     return column.to_pylist()
 
 
-def iter_documents(files, rank=0, world_size=1):
+def iter_documents(files, rank=0, world_size=1, column=TEXT_COLUMN):
     """One pass over this rank's documents (str), row group by row group."""
-    for fi, rg, _ in rank_row_groups(files, rank, world_size):
-        yield from read_row_group(files[fi], rg)
+    for fi, rg, _ in rank_row_groups(files, rank, world_size, column):
+        yield from read_row_group(files[fi], rg, column)
 
 
 # -----------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import cleanup_dist, get_base_dir, init_dist, print0
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, split_files
+from nanochat.dataset import DataError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.mixture import SPEC_HELP, check_sources, resolve_sources, shares
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from scripts import base_train
 
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--bpb-tokens", type=number(int, low=1), default=10 * 2**19, help="tokens per split for bits per byte (at most one pass over the split)")
     p.add_argument("--device-batch-size", type=number(int, low=1), default=32, help="sequences per device for bits per byte")
     p.add_argument("--data-dir", default="", help="parquet shards (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
+    p.add_argument("--data", default="", help=SPEC_HELP + "; default: the run's own --data, else --data-dir")
+    p.add_argument("--text-column", default="", help="text column of sources that name none (default: the run's, else 'text')")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: <base>/tokenizer)")
     p.add_argument("--num-sample-tokens", type=number(int, low=0), default=24, help="greedy tokens per sample prompt (0: no samples)")
     p.add_argument("--run", default="dummy", help="wandb run name to log to; 'dummy' for none")
@@ -68,6 +71,18 @@ def load_model(checkpoint_dir, device):
     return model, meta
 
 
+def run_sources(args, meta):
+    """The sources to measure bpb on: --data / --data-dir if given, else the run's own --data mixture, else the default dir."""
+    run_args = meta.get("args", {})
+    column = args.text_column or run_args.get("text_column") or "text"
+    if args.data or args.data_dir:
+        sources = resolve_sources(args.data, args.data_dir or None, column)
+    else:
+        sources = resolve_sources(run_args.get("data", ""), None, column)
+    check_sources(sources)
+    return sources
+
+
 def main(argv=None):
     args = parse_args(argv)
     dist_info = init_dist(args.device_type or None)
@@ -77,8 +92,7 @@ def main(argv=None):
     step = resolve_step(checkpoint_root, args.step)
     # every input is checked before the slow work: the tokenizer, the data, the CORE bundle, the weights
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
-    data_dir = resolve_data_dir(args.data_dir or None)
-    split_files(list_parquet_files(data_dir))
+    sources = run_sources(args, load_meta(step_dir(checkpoint_root, step)))
     bundle = None if args.skip_core else get_eval_bundle(args.eval_bundle or None)
     model, meta = load_model(step_dir(checkpoint_root, step), device)
     if tokenizer.vocab_size != model.config.vocab_size:
@@ -88,18 +102,26 @@ def main(argv=None):
     print0(f"evaluating {run_dir} step {step} (depth {model.config.n_layer}, T {T}) on {world_size} x {device}")
     rows = []  # (metric, value, centered)
 
-    # bits per byte on both splits
+    # bits per byte on both splits, per source of a mixture, and the mixture (per-source bpb weighted by its shares)
     steps = max(1, args.bpb_tokens // (args.device_batch_size * T * world_size))
     token_bytes = tokenizer.token_bytes().to(device)
     with torch.no_grad():
         for split in ("train", "val"):
-            t0 = time.time()
-            with DataLoader(tokenizer, args.device_batch_size, T, split=split, data_dir=data_dir, rank=rank,
-                            world_size=world_size, device=device, packer=base_train.VAL_PACKER) as batches:
-                bpb = evaluate_bpb(model, batches.one_pass(), steps, token_bytes)
-            tokens = batches.one_pass_batches * args.device_batch_size * T
-            print0(f"{split} bpb: {bpb:.4f} ({tokens:,} tokens per rank, {time.time() - t0:.1f}s)")
-            rows.append((f"{split}_bpb", bpb, ""))
+            per_source = []
+            for source in sources:
+                t0 = time.time()
+                with DataLoader(tokenizer, args.device_batch_size, T, split=split, data=[source], rank=rank,
+                                world_size=world_size, device=device, packer=base_train.VAL_PACKER) as batches:
+                    bpb = evaluate_bpb(model, batches.one_pass(), steps, token_bytes)
+                tokens = batches.one_pass_batches * args.device_batch_size * T
+                name = f"{split}_bpb" if len(sources) == 1 else f"{split}_bpb/{source.name}"
+                print0(f"{name}: {bpb:.4f} ({tokens:,} tokens per rank, {time.time() - t0:.1f}s)")
+                per_source.append(bpb)
+                rows.append((name, bpb, ""))
+            if len(sources) > 1:
+                mixture = sum(share * bpb for share, bpb in zip(shares(sources), per_source))
+                print0(f"{split}_bpb (mixture): {mixture:.4f}")
+                rows.append((f"{split}_bpb", mixture, ""))
 
     # CORE
     if not args.skip_core:

@@ -30,10 +30,11 @@ from nanochat.attention import select_backend
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.fp8 import convert_to_fp8, disable_fp8, fp8_supported
-from nanochat.dataset import DataError, list_parquet_files, resolve_data_dir, split_files
+from nanochat.dataset import DataError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scale import DynamicLossScaler
+from nanochat.mixture import SPEC_HELP, TEXT_COLUMN, check_sources, resolve_sources, shares, val_identity
 from nanochat.preemption import PreemptionHandler
 from nanochat.report import RunLog, diagnose_low_mfu, model_flops_utilization
 from nanochat.tokenizer import TokenizerError, get_tokenizer, tokenizer_signature
@@ -87,13 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--fp8", action="store_true", help="FP8 matmuls in the blocks' linears (needs --compile 1; Hopper/Ada GPUs)")
     # evaluation
     p.add_argument("--eval-every", type=every, default=250, help="val bpb every N steps (and at the end); -1 only at the end")
-    p.add_argument("--eval-tokens", type=count, default=10 * 2**19, help="validation tokens per bpb evaluation (at most one pass over the val split)")
+    p.add_argument("--eval-tokens", type=count, default=10 * 2**19, help="validation tokens per bpb evaluation, per source of a mixture (at most one pass over each val split)")
     p.add_argument("--core-metric-every", type=every, default=-1, help="CORE every N steps (-1: only at the end; 0: never)")
     p.add_argument("--core-metric-max-per-task", type=auto_count, default=500, help="items per CORE task (-1: all)")
     p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
     p.add_argument("--sample-every", type=every, default=-1, help="print greedy samples every N steps (-1: only at the end; 0: never)")
     # data and checkpoints
     p.add_argument("--data-dir", default="", help="directory of parquet shards with a 'text' column (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
+    p.add_argument("--data", default="", help=SPEC_HELP)
+    p.add_argument("--text-column", default=TEXT_COLUMN, help="text column of every source that names none (SOURCE@COLUMN)")
     p.add_argument("--tokenizer-dir", default="", help="trained tokenizer (default: <base>/tokenizer; make it with scripts.tok_train)")
     p.add_argument("--save-every", type=every, default=-1, help="checkpoint every N steps (-1: only at the end; 0: never)")
     p.add_argument("--resume-from-step", default="", help="resume from this checkpoint step of --run-dir, or 'latest'")
@@ -277,13 +280,34 @@ def disk_space_warning(checkpoint_root, need_bytes):
             "save will fail: free space there, or stop the run and resume it with its checkpoints moved to a bigger disk")
 
 
-def data_signature(args, tokenizer, val_files, eval_tokens):
-    """What a val bpb depends on besides the model: runs may be compared only when these match."""
+def data_signature(args, tokenizer, sources, eval_tokens):
+    """What a val bpb depends on besides the model: runs may be compared only when these match.
+
+    `data` is the mixture (sources, text columns, weights): the mixture val bpb weights the
+    per-source ones by it, and a different training mixture is a different experiment."""
     return {
         "tokenizer": tokenizer_signature(tokenizer), "vocab_size": tokenizer.vocab_size,
         "sequence_len": args.max_seq_len, "packing": f"{VAL_PACKER}-one-pass",  # how the val rows are built
-        "val_data": [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in val_files], "eval_tokens": eval_tokens,
+        "data": [s.describe() for s in sources],
+        "val_data": [v for s in sources for v in val_identity(s)], "eval_tokens": eval_tokens,
     }
+
+
+def evaluate_val(compiled, model, tokenizer, sources, args, rank, world_size, device, eval_steps, token_bytes):
+    """{"val/bpb": ..., and with several sources "val/bpb/<name>" each}: each source's val split on its own.
+
+    Stream-order packing + one pass: a val split smaller than --eval-tokens is counted once, not
+    re-looped. The mixture's val bpb is the per-source bpb weighted by the mixture's shares."""
+    bpb = {}
+    with torch.no_grad(), disable_fp8(model):
+        for source in sources:
+            with DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="val", data=[source],
+                            rank=rank, world_size=world_size, device=device, packer=VAL_PACKER) as val_batches:
+                bpb[source.name] = evaluate_bpb(compiled, val_batches.one_pass(), eval_steps, token_bytes)
+    if len(sources) == 1:
+        return {"val/bpb": bpb[sources[0].name]}
+    mixture = sum(share * bpb[s.name] for share, s in zip(shares(sources), sources))
+    return {"val/bpb": mixture, **{f"val/bpb/{name}": value for name, value in bpb.items()}}
 
 
 def warm_up(compiled, model, optimizer, args, device, scaler):
@@ -323,8 +347,8 @@ def main(argv=None):
 
     # tokenizer and data: fail before building anything if either is missing
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
-    data_dir = resolve_data_dir(args.data_dir or None)
-    _, val_files = split_files(list_parquet_files(data_dir))
+    sources = resolve_sources(args.data, args.data_dir or None, args.text_column)
+    check_sources(sources)
     core_bundle = resolve_core_bundle(args)
 
     model = build_model(args, tokenizer.vocab_size, device)
@@ -344,7 +368,7 @@ def main(argv=None):
 
     # state of the loop itself: everything a resume needs besides model, optimizer and loader
     loop = {"step": 0, "total_training_time": 0.0, "smooth_loss": 0.0, "min_val_bpb": float("inf")}
-    loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", data_dir=data_dir,
+    loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", data=sources,
                         rank=rank, world_size=world_size, device=device)
     if args.resume_from_step:
         step = resolve_step(checkpoint_root, args.resume_from_step)
@@ -368,10 +392,12 @@ def main(argv=None):
     print0(f"compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON}) | attention: {attn_reason}")
     print0(f"peak FLOP/s per device: {peak:.3e} ({peak_source})" if peak else f"peak FLOP/s unknown ({peak_source}): MFU not reported")
     print0(f"world size {world_size} | device {device} | run dir {run_dir}")
+    print0("data: " + ", ".join(f"{s.name} ({s.location}, {share:.1%} of the tokens)"
+                                for s, share in zip(sources, shares(sources))))
     print0("resolved hyperparameters:\n" + format_table(hp))
 
     run_info = {"args": vars(args), "hyperparameters": hp, "model_config": config.to_dict(),
-                "data_signature": data_signature(args, tokenizer, val_files, eval_steps * eval_tokens_per_step),
+                "data_signature": data_signature(args, tokenizer, sources, eval_steps * eval_tokens_per_step),
                 "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "world_size": world_size, "peak_flops": peak, "attention": attn_backend}}
     log = RunLog(run_dir, run_name(args), run_info, use_wandb=args.run != "dummy",
@@ -429,13 +455,12 @@ def main(argv=None):
         progress = {"step": step, "total_training_flops": flops_per_token * total_batch * step,
                     "total_training_time": loop["total_training_time"]}
         if last or due(args.eval_every, step) or (step == 0 and args.eval_every > 0):
-            with torch.no_grad(), disable_fp8(model), DataLoader(
-                    tokenizer, args.device_batch_size, args.max_seq_len, split="val", data_dir=data_dir,
-                    rank=rank, world_size=world_size, device=device, packer=VAL_PACKER) as val_batches:
-                val_bpb = evaluate_bpb(compiled, val_batches.one_pass(), eval_steps, token_bytes)
+            val = evaluate_val(compiled, model, tokenizer, sources, args, rank, world_size, device, eval_steps, token_bytes)
+            val_bpb = val["val/bpb"]
             loop["min_val_bpb"] = min(loop["min_val_bpb"], val_bpb)
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            log.log({**progress, "val/bpb": val_bpb})
+            per_source = "".join(f" | {k.removeprefix('val/bpb/')} {v:.4f}" for k, v in val.items() if k != "val/bpb")
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}{per_source}")
+            log.log({**progress, **val})
         # save before CORE and sampling: whatever they do, the trained weights are already on disk
         if args.save_every != 0 and step > start_step and (last or due(args.save_every, step)):
             save(step)

@@ -2,6 +2,7 @@
 
     python -m scripts.bench_loader                       # T = 512 and 2048, B = 8, batches 200..1000
     python -m scripts.bench_loader --data-dir DIR --tokenizer-dir DIR
+    python -m scripts.bench_loader --data DIR_A:0.7,DIR_B:0.3 --packers best_fit   # a mixture
 
 Throughput is what the consumer receives from `next()` with the background thread running
 (parquet read + tokenize + pack), after a warm-up, in one process. The d24 speedrun trains
@@ -16,7 +17,8 @@ import time
 
 from nanochat.common import get_base_dir
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import DataError, iter_documents, list_parquet_files, resolve_data_dir, split_files
+from nanochat.dataset import DataError, resolve_data_dir
+from nanochat.mixture import SPEC_HELP, TEXT_COLUMN, check_sources, iter_mixture_texts, resolve_sources
 from nanochat.tokenizer import Tokenizer, get_tokenizer, tokenizer_signature
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,27 +46,28 @@ def find_default_data_dir():
         directory = parent
 
 
-def load_or_train_tokenizer(tokenizer_dir, data_dir, vocab_size, max_chars):
+def load_or_train_tokenizer(tokenizer_dir, sources, vocab_size, max_chars):
     try:
         return get_tokenizer(tokenizer_dir), f"loaded from {tokenizer_dir or os.path.join(get_base_dir(), 'tokenizer')}"
     except FileNotFoundError:
         pass
-    train_files, _ = split_files(list_parquet_files(data_dir))
     texts, n_chars = [], 0
-    for text in iter_documents(train_files):
-        texts.append(text[:10_000])
+    mixture_texts = iter_mixture_texts(sources, doc_cap=10_000)
+    for text in mixture_texts:
+        texts.append(text)
         n_chars += len(texts[-1])
         if n_chars >= max_chars:
             break
+    mixture_texts.close()
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train_from_iterator(iter(texts), vocab_size)
     return tokenizer, (f"none found, so trained one on the fly: vocab {vocab_size}, {n_chars / 1e6:.1f} M chars, "
                        f"{time.perf_counter() - t0:.1f} s (not saved; run `python -m scripts.tok_train` for a real one)")
 
 
-def measure(tokenizer, data_dir, batch_size, seq_len, packer, warmup_batches, batches, buffer_size):
+def measure(tokenizer, sources, batch_size, seq_len, packer, warmup_batches, batches, buffer_size):
     """(packed tokens/s, crop fraction, consumed crop fraction, epochs) over the batches after the warm-up."""
-    with DataLoader(tokenizer, batch_size, seq_len, data_dir=data_dir, packer=packer, buffer_size=buffer_size) as loader:
+    with DataLoader(tokenizer, batch_size, seq_len, data=sources, packer=packer, buffer_size=buffer_size) as loader:
         for _ in range(warmup_batches):
             next(loader)
         totals = dict(packed_tokens=0, cropped_tokens=0, thrown_tokens=0)
@@ -84,6 +87,9 @@ def main():
     parser = argparse.ArgumentParser(description="Benchmark the best-fit packing loader against a greedy-crop baseline.")
     parser.add_argument("--data-dir", default=None, help="parquet directory (default: configured data dir, else a "
                         "shared/data/corpus above the repo, else the bundled data/sample)")
+    parser.add_argument("--data", default="", help=SPEC_HELP)
+    parser.add_argument("--text-column", default=TEXT_COLUMN, help="text column of every source that names none")
+    parser.add_argument("--packers", default="best_fit,greedy", help="comma-separated packers to measure")
     parser.add_argument("--tokenizer-dir", default=None, help="tokenizer directory (default: <base dir>/tokenizer; "
                         "if absent a small one is trained on the fly)")
     parser.add_argument("--seq-lens", default="512,2048", help="comma-separated sequence lengths T")
@@ -95,23 +101,27 @@ def main():
     parser.add_argument("--fly-max-chars", type=int, default=20_000_000, help="training chars of the on-the-fly tokenizer")
     args = parser.parse_args()
 
-    if args.data_dir:
+    if args.data:
+        data_dir, why = None, "--data"
+    elif args.data_dir:
         data_dir, why = args.data_dir, "--data-dir"
     else:
         data_dir, why = find_default_data_dir()
     try:
-        tokenizer, tokenizer_note = load_or_train_tokenizer(args.tokenizer_dir, data_dir, args.fly_vocab_size,
+        sources = resolve_sources(args.data, data_dir, args.text_column)
+        check_sources(sources)
+        tokenizer, tokenizer_note = load_or_train_tokenizer(args.tokenizer_dir, sources, args.fly_vocab_size,
                                                             args.fly_max_chars)
         seq_lens = [int(t) for t in args.seq_lens.split(",")]
-        print(f"data: {data_dir} ({why})")
+        print("data: " + ", ".join(f"{s.name} ({s.location}, weight {s.weight:g})" for s in sources) + f" ({why})")
         print(f"tokenizer: {tokenizer_note}; vocab {tokenizer.vocab_size}, signature {tokenizer_signature(tokenizer)}")
         print(f"B={args.batch_size}, buffer {args.buffer_size} docs, warm-up {args.warmup_batches} batches, "
               f"measured {args.batches} batches, one process with its prefetch thread, {os.cpu_count()} CPU cores")
         print(f"{'T':>5} {'packer':>9} {'packed tok/s':>13} {'x d24 need':>11} "
               f"{'crop (a) consumed':>18} {'crop (b) packed':>16} {'epoch':>6}")
         for seq_len in seq_lens:
-            for packer in ("best_fit", "greedy"):
-                tok_s, crop_b, crop_a, epoch = measure(tokenizer, data_dir, args.batch_size, seq_len, packer,
+            for packer in args.packers.split(","):
+                tok_s, crop_b, crop_a, epoch = measure(tokenizer, sources, args.batch_size, seq_len, packer,
                                                        args.warmup_batches, args.batches, args.buffer_size)
                 print(f"{seq_len:>5} {packer:>9} {tok_s:>13,.0f} {tok_s / D24_TOKENS_PER_S_PER_RANK:>10.1f}x "
                       f"{crop_a:>18.1%} {crop_b:>16.1%} {epoch:>6}", flush=True)

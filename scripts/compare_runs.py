@@ -8,7 +8,7 @@ path (its run.json is read from beside it when present), or a wandb run path
 
 What it does, in order:
 1. Refuses (exit 1) when the runs' data signatures differ (tokenizer, sequence length, packing,
-   validation data, eval tokens): their val bpb numbers measure different things. --force turns
+   data mixture, validation data, eval tokens): their val bpb numbers measure different things. --force turns
    the refusal into a loud warning, printed and stamped on the figure.
 2. Writes one PNG: val bpb vs step, vs total_training_time, vs total_training_flops, and the
    smoothed train loss vs step; a dashed line marks the matched budget of each axis.
@@ -43,7 +43,8 @@ from nanochat.cli import ArgumentParser, number
 from nanochat.report import MFU_HEALTHY, diagnose_low_mfu, read_jsonl
 
 # what a val bpb depends on besides the model (written by base_train's data_signature()); a
-# run's own extra signature keys are checked too
+# run's own extra signature keys are checked too: `data` (the --data mixture) is one, so runs on
+# different mixtures are refused while runs logged before mixtures existed still compare among themselves
 SIGNATURE_FIELDS = ("tokenizer", "sequence_len", "packing", "val_data", "eval_tokens")
 AXES = (("step", "step"), ("total_training_time", "training time (s)"), ("total_training_flops", "training FLOPs"))
 AXIS_NAMES = {"step": "step", "total_training_time": "time", "total_training_flops": "flops"}

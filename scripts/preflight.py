@@ -21,7 +21,7 @@ Checks (small functions returning Rows, so tests call them with injected faults)
 - collectives: all_reduce, reduce_scatter, all_gather give the right values; bus bandwidth
 - throughput: a burst of real training steps (the run's model, MuonAdamW, synthetic tokens):
               tok/s and MFU; the projected time and cost of the whole run
-- data:       the shards the run needs present and readable; the loader keeps up
+- data:       the shards the run needs present and readable (each source of a --data mixture); the loader keeps up
 - disk:       free space for the planned checkpoints; the run directory writable
 - wandb:      mode and credentials when --run is set
 Without CUDA the GPU-only rows are SKIP and the burst uses a small stand-in model (depth <= 4,
@@ -47,10 +47,11 @@ from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, across_ranks, 
                              peak_flops, print0, rel_err, synchronize)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (LAST_SHARD_INDEX, DataError, check_hub_reachable, list_parquet_files, list_row_groups,
-                              read_row_group, resolve_data_dir, shard_filename, split_files)
+                              read_row_group, shard_filename, split_files)
 from nanochat.fp8 import FP8_REL_TOL, Float8Linear, convert_to_fp8, fp8_supported, relative_errors_vs_bf16
 from nanochat.gpt import GPT, GPTConfig, Linear
 from nanochat.loss_scale import DynamicLossScaler
+from nanochat.mixture import check_sources, resolve_sources, shares
 from nanochat.optim import all_gather_single, reduce_scatter_single
 from nanochat.report import MFU_HEALTHY, diagnose_low_mfu, model_flops_utilization
 from nanochat.tokenizer import get_tokenizer
@@ -509,15 +510,39 @@ def hub_status():
         return "the Hugging Face Hub is NOT reachable from here: copy the shards in"
 
 
-def check_data(data_dir, tokenizer, training_tokens):
+def check_data(data_dir, tokenizer, training_tokens, data="", text_column="text"):
+    """Every source of the run's data: one "data" row, or a "data <name>" row per source of a --data mixture."""
+    try:
+        sources = resolve_sources(data, data_dir or None, text_column)
+    except DataError as e:
+        return [Row("data", FAIL, str(e))]
+    rows = []
+    for source, share in zip(sources, shares(sources)):
+        check = "data" if len(sources) == 1 else f"data {source.name}"
+        needed = training_tokens and training_tokens * share
+        source_rows = check_data_dir(source, tokenizer, needed) if source.kind == "parquet_dir" else check_stream(source)
+        rows += [r._replace(check=check) for r in source_rows]
+    return rows
+
+
+def check_stream(source):
+    try:
+        check_sources([source])
+    except DataError as e:
+        return [Row("data", FAIL, str(e))]
+    return [Row("data", PASS, f"{source.location} streams through `datasets` and has a `{source.text_column}` column "
+                              "(size not estimated: a stream's length is unknown until read)")]
+
+
+def check_data_dir(source, tokenizer, training_tokens):
     """Shards present and readable (every footer, a train and the val row group); enough of them for the run."""
-    data_dir = resolve_data_dir(data_dir or None)
+    data_dir, column = source.location, source.text_column
     try:
         train_files, val_files = split_files(list_parquet_files(data_dir))
-        row_groups = list_row_groups(train_files + val_files)  # opens every footer: catches truncated files
+        row_groups = list_row_groups(train_files + val_files, column)  # opens every footer: catches truncated files
         first_train = next(rg for fi, rg, _ in row_groups if fi == 0)
-        sample = read_row_group(train_files[0], first_train)
-        read_row_group(val_files[0], next(rg for fi, rg, _ in row_groups if fi == len(train_files)))
+        sample = read_row_group(train_files[0], first_train, column)
+        read_row_group(val_files[0], next(rg for fi, rg, _ in row_groups if fi == len(train_files)), column)
     except (DataError, StopIteration) as e:
         text = str(e) or "a shard has no row groups; remove it"
         return [Row("data", FAIL, f"{text} ({hub_status()})")]
@@ -544,7 +569,8 @@ def check_data(data_dir, tokenizer, training_tokens):
 def check_loader(tokenizer, args, data_dir, rank, world_size, device, needed_tok_per_s):
     """The real DataLoader at the run's B, T on this rank's share: tokens/s against what training consumes per rank."""
     B, T = args.device_batch_size, args.max_seq_len
-    with DataLoader(tokenizer, B, T, split="train", data_dir=data_dir or None, rank=rank, world_size=world_size,
+    sources = resolve_sources(args.data, data_dir or None, args.text_column)
+    with DataLoader(tokenizer, B, T, split="train", data=sources, rank=rank, world_size=world_size,
                     device=device) as loader:
         next(loader)  # the first batch fills the document buffer: a one-off cost
         batches, t0 = 0, time.perf_counter()
@@ -683,8 +709,8 @@ def run_checks(own, args, dist_info):
             [Row("projection", SKIP, "needs a successful burst")]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows += guarded(["data"], check_data, args.data_dir, tokenizer, hp and hp["training_tokens"])
-    if tokenizer is None or any(r.check == "data" and r.status == FAIL for r in rows):
+    rows += guarded(["data"], check_data, args.data_dir, tokenizer, hp and hp["training_tokens"], args.data, args.text_column)
+    if tokenizer is None or any(r.check.startswith("data") and r.status == FAIL for r in rows):
         rows += [Row("loader", SKIP, "needs the tokenizer and data rows to pass")]
     else:
         rows += guarded(["loader"], check_loader, tokenizer, args, args.data_dir, rank, world_size, device,

@@ -87,10 +87,10 @@ def test_rows_are_bos_aligned_whole_documents_then_one_crop(tokenizer, tiny_data
         for rg in range(0, len(texts[f]), 3):
             lengths[f, rg // 3] = [len(d) for d in tokenizer.encode(texts[f][rg:rg + 3], prepend_bos=True)]
     order = list(lengths)
-    epoch, index, row = state["position"]
+    epoch, index, row = state["position"][0]  # one source
     read = (epoch * sum(map(sum, lengths.values())) + sum(sum(lengths[k]) for k in order[:index])
             + sum(lengths[order[index]][:row]))
-    buffered = sum(lengths[fi, rg][r] for fi, rg, r in state["buffer"])
+    buffered = sum(lengths[fi, rg][r] for fi, rg, r in state["buffer"][0])
     assert epoch >= 1  # wrapped around the train split at least once
     assert read == packed + thrown + buffered
 
@@ -151,7 +151,7 @@ def test_exact_resume(tokenizer, tiny_data, corpus_dir, data, world_size):
         with DataLoader(tokenizer, 4, seq_len, rank=rank, **kwargs) as loader:
             first = take_batches(loader, n)
             state = json.loads(json.dumps(loader.state_dict()))
-        assert len(state["buffer"]) == buffer_size - 1  # waiting documents are part of the state (refill precedes each take)
+        assert len(state["buffer"][0]) == buffer_size - 1  # waiting documents are part of the state (refill precedes each take)
         with DataLoader(tokenizer, 4, seq_len, rank=rank, **kwargs) as resumed:
             resumed.load_state_dict(state)
             rest = take_batches(resumed, m)
