@@ -146,7 +146,7 @@ def sdpa_window_notice(device, dtype, config, flops_per_token):
     if cost.dense_layers == 0:
         return None
     T = cost.seq_len
-    return (f"no FlashAttention, so SDPA runs the sliding windows of {cost.dense_layers} of {cost.n_layers} layers as dense "
+    return (f"SDPA runs the sliding windows of {cost.dense_layers} of {cost.n_layers} layers as dense "
             f"{T}x{T} masks: attention costs {cost.sdpa_flops / cost.fa3_flops:.2f}x its FA3 FLOPs "
             f"(+{(cost.sdpa_flops - cost.fa3_flops) / flops_per_token:.0%} of the model's {flops_per_token:.3g} FLOPs per token) "
             f"and {cost.sdpa_flops / cost.l_only_flops:.2f}x an all-long pattern (--window-pattern L) under SDPA")

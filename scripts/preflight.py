@@ -223,8 +223,8 @@ def check_flash_attention(device, dtype, model, world_size):
         return [Row("flash attention", SKIP, f"{reason}; the SDPA path is checked against naive_attention below")]
     if backend == "fa3":
         return [Row("flash attention", PASS, reason)]
-    fix = (f"on Hopper install FA3 (pip install kernels: {attn.FA3_HUB_REPO} v{attn.FA3_HUB_VERSION} needs torch >= 2.9 "
-           "built for CUDA >= 12.6, see scripts/setup_venv.sh)")
+    fix = (f"on Hopper get FA3 ({attn.FA3_HUB_REPO} v{attn.FA3_HUB_VERSION} via kernels: torch >= 2.9 on CUDA >= 12.6, as "
+           "scripts/setup_venv.sh installs)")
     notice = attn.sdpa_window_notice(device, dtype, model.config, model.estimate_flops())
     if notice is None:  # no sliding windows: only the kernel itself is slower (FA3 is reported 1.5-2x FA2 on H100)
         return [Row("flash attention", WARN, f"{reason}. No sliding windows, but SDPA is a slower kernel than FA3: {fix}")]
