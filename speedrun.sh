@@ -28,7 +28,16 @@ if [ "$PRESET" = gpu ] && [ "$NGPU" -eq 0 ]; then
 fi
 
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+threads_per_rank() {  # threads_per_rank RANKS: OpenMP threads for each of RANKS processes on this node
+    # Each torchrun rank starts its own pool: $(nproc) threads per rank oversubscribe the cores RANKS-fold
+    # (dev/LOG.md, 2 ranks on 2 cores). On a GPU node CPU threads only feed the loader and launch
+    # kernels: 1 per rank, as torchrun itself defaults to.
+    if [ "$PRESET" = gpu ]; then echo 1; return; fi
+    local share=$(( $(nproc) / $1 ))
+    echo $(( share > 0 ? share : 1 ))
+}
+# decided here once; a user's OMP_NUM_THREADS wins. The CPU preset trains in one process.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_rank 1)}
 WANDB_RUN=${WANDB_RUN:-dummy}
 START=$SECONDS
 

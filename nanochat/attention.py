@@ -12,8 +12,13 @@ Backends:
 - PyTorch SDPA everywhere else: plain `is_causal` for full windows, and a boolean band mask
   for sliding windows, built once per (T, window, device) and cached.
 Both compute exactly the same function; tests compare them against a naive reference.
+
+The two are not the same speed: a band mask makes SDPA compute every key of every query and
+mask most of them away. `dense_window_cost` says what that costs a pattern of windows, and
+`sdpa_window_notice` is the one line base_train and preflight print when a GPU run pays it.
 """
 
+from collections import namedtuple
 from functools import lru_cache
 
 import torch
@@ -21,6 +26,11 @@ import torch.nn.functional as F
 
 
 _FLASH = []  # memo of _flash_module(): an import attempt is made once per process
+# The hub's FA3 and the major version we load. Kernel versions are branches v<N> of the repo;
+# kernels >= 0.15 refuses to load a hub kernel without a version. Version 1 ships Torch stable-ABI
+# builds (torch >= 2.9, CUDA 12.6 / 12.8 / 13.0) besides per-torch ones; scripts/setup_venv.sh
+# installs a torch that one of them fits (dev/LOG.md, "which torch on a GPU node").
+FA3_HUB_REPO, FA3_HUB_VERSION = "kernels-community/flash-attn3", 1
 
 
 def _flash_module():
@@ -39,7 +49,7 @@ def _import_flash():
         pass
     try:
         from kernels import get_kernel  # prebuilt FA3 from the HF hub (pip install kernels): no CUDA build
-        return get_kernel("kernels-community/flash-attn3"), "kernels-community/flash-attn3 (FA3 via kernels)"
+        return get_kernel(FA3_HUB_REPO, version=FA3_HUB_VERSION), f"{FA3_HUB_REPO} v{FA3_HUB_VERSION} (FA3 via kernels)"
     except Exception as e:  # not installed, offline, or no build for this torch/CUDA: fall through, keep why
         kernels_failure = f"kernels: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     try:
@@ -96,6 +106,50 @@ def flash_attention(q, k, v, window):
     left = -1 if window >= T else window - 1
     out = module.flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
     return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+
+# -----------------------------------------------------------------------------
+# what the SDPA fallback costs a sliding-window pattern
+
+WindowCost = namedtuple("WindowCost", "dense_layers n_layers seq_len sdpa_flops fa3_flops l_only_flops")
+
+
+def keys_per_query(seq_len, window, backend):
+    """Mean number of keys whose scores a kernel computes per query, over the T positions.
+
+    FA3 skips every block outside the causal band, so query i costs min(i + 1, window) keys.
+    SDPA with is_causal (a full window) skips the upper triangle the same way; SDPA with a band
+    mask cannot skip anything and computes all T keys before masking."""
+    w = min(window, seq_len)
+    if backend == "sdpa" and w < seq_len:
+        return float(seq_len)
+    return w - w * (w - 1) / (2 * seq_len)
+
+
+def dense_window_cost(window_sizes, seq_len, n_head, head_dim):
+    """Attention FLOPs per token (forward + backward) of a window pattern under SDPA, under FA3 and
+    under SDPA with every layer long (--window-pattern L), as the kernels really execute them."""
+    flops_per_key = 12 * n_head * head_dim  # QK^T and PV: 2 matmuls x 2 FLOPs per MAC, x3 with backward
+    total = lambda windows, backend: flops_per_key * sum(keys_per_query(seq_len, w, backend) for w in windows)
+    return WindowCost(dense_layers=sum(w < seq_len for w in window_sizes), n_layers=len(window_sizes), seq_len=seq_len,
+                      sdpa_flops=total(window_sizes, "sdpa"), fa3_flops=total(window_sizes, "fa3"),
+                      l_only_flops=total([seq_len] * len(window_sizes), "sdpa"))
+
+
+def sdpa_window_notice(device, dtype, config, flops_per_token):
+    """One line for a CUDA run whose sliding windows SDPA computes as dense masks, else None.
+
+    flops_per_token: the model's own estimate (GPT.estimate_flops), to put the extra in proportion."""
+    if device.type != "cuda" or select_backend(device, dtype)[0] == "fa3":
+        return None
+    cost = dense_window_cost(config.window_sizes(), config.sequence_len, config.n_head, config.head_dim)
+    if cost.dense_layers == 0:
+        return None
+    T = cost.seq_len
+    return (f"SDPA runs the sliding windows of {cost.dense_layers} of {cost.n_layers} layers as dense "
+            f"{T}x{T} masks: attention costs {cost.sdpa_flops / cost.fa3_flops:.2f}x its FA3 FLOPs "
+            f"(+{(cost.sdpa_flops - cost.fa3_flops) / flops_per_token:.0%} of the model's {flops_per_token:.3g} FLOPs per token) "
+            f"and {cost.sdpa_flops / cost.l_only_flops:.2f}x an all-long pattern (--window-pattern L) under SDPA")
 
 
 def attention(q, k, v, window):

@@ -1,4 +1,5 @@
-"""Process-wide basics: the compute dtype, device and process-group setup, printing, paths, peak FLOPs.
+"""Process-wide basics: the compute dtype, device and process-group setup, printing, paths, peak FLOPs,
+and the CUDA allocator's configuration (set at import, before CUDA starts).
 
 Everything here is model- and data-agnostic. `COMPUTE_DTYPE` is decided once at import:
 bf16 on CUDA GPUs of compute capability >= 8.0, fp32 everywhere else, and the
@@ -16,6 +17,25 @@ import torch
 import torch.distributed as dist
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The CUDA caching allocator reads its configuration once, when CUDA is first initialised; this
+# module is imported by every entry point before anything touches CUDA (the dtype check below is
+# the first to), so this is the one place that sees every run, torchrun'd or not.
+ALLOC_CONF_DEFAULT = "expandable_segments:True"
+
+
+def set_default_alloc_conf(environ=os.environ):
+    """Sets PYTORCH_ALLOC_CONF=expandable_segments:True unless the user configured the allocator.
+
+    Expandable segments grow one mapping instead of caching fixed-size blocks, which avoids the
+    fragmentation OOMs of a large device batch whose activation sizes vary (eval vs train graphs).
+    A no-op without CUDA. PYTORCH_CUDA_ALLOC_CONF is the pre-2.9 name of the same setting."""
+    if "PYTORCH_ALLOC_CONF" in environ or "PYTORCH_CUDA_ALLOC_CONF" in environ:
+        return
+    environ["PYTORCH_ALLOC_CONF"] = ALLOC_CONF_DEFAULT
+
+
+set_default_alloc_conf()
 
 
 def _resolve_compute_dtype():

@@ -26,7 +26,7 @@ from nanochat.checkpoint import (CheckpointError, checkpoint_bytes, free_bytes, 
 from nanochat.cli import ArgumentParser, number, run_main
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops,
                              print0, synchronize)
-from nanochat.attention import select_backend
+from nanochat.attention import sdpa_window_notice, select_backend
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.fp8 import convert_to_fp8, disable_fp8, fp8_supported
@@ -390,6 +390,9 @@ def main(argv=None):
     peak, peak_source = peak_flops(device)
     attn_backend, attn_reason = select_backend(device, COMPUTE_DTYPE)
     print0(f"compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON}) | attention: {attn_reason}")
+    window_notice = sdpa_window_notice(device, COMPUTE_DTYPE, config, hp["flops_per_token"])
+    if window_notice:  # loud: this silently costs a GPU run time (and money) otherwise
+        print0(f"WARNING: {window_notice}. Install FA3 (scripts/setup_venv.sh) or pass --window-pattern L.")
     print0(f"peak FLOP/s per device: {peak:.3e} ({peak_source})" if peak else f"peak FLOP/s unknown ({peak_source}): MFU not reported")
     print0(f"world size {world_size} | device {device} | run dir {run_dir}")
     print0("data: " + ", ".join(f"{s.name} ({s.location}, {share:.1%} of the tokens)"

@@ -14,7 +14,8 @@ worst status over ranks, so every rank exits with the same code: 1 on any FAIL, 
 Checks (small functions returning Rows, so tests call them with injected faults):
 - hardware:   GPU model, SM, memory, driver; torch/CUDA/NCCL; COMPUTE_DTYPE and why; MFU peak
 - tokenizer and run plan: the tokenizer loads and round-trips text; base_train's resolved run
-- attention:  FlashAttention present; for every window of the configured pattern, forward and
+- attention:  FlashAttention present (on a GPU without it: what SDPA's dense window masks cost,
+              FAIL on several GPUs unless --window-pattern L); for every window of the pattern, forward and
               backward of the backend training will use against a reference (FA3 vs SDPA on
               Hopper, SDPA vs naive_attention elsewhere)
 - fp8:        (--fp8) device support and Float8Linear vs bf16 Linear numerics on the device
@@ -214,23 +215,22 @@ def check_run_plan(args, vocab_size, world_size):
 # -----------------------------------------------------------------------------
 # attention
 
-def dense_window_overhead(model):
-    """Extra FLOPs per token, as a fraction, when sliding windows are computed densely (SDPA's band mask)."""
-    cfg = model.config
-    extra = sum(12 * cfg.n_head * cfg.head_dim * (cfg.sequence_len - min(w, cfg.sequence_len)) for w in model.window_sizes)
-    return extra / model.estimate_flops()
-
-
-def check_flash_attention(device, dtype, model):
+def check_flash_attention(device, dtype, model, world_size):
+    """FA3 present; without it on a GPU, what SDPA's dense window masks cost. Paying that on several GPUs
+    is a FAIL: the windows buy nothing under SDPA, and --window-pattern L (or FA3) is the fix."""
     backend, reason = attn.select_backend(device, dtype)
     if device.type != "cuda":
         return [Row("flash attention", SKIP, f"{reason}; the SDPA path is checked against naive_attention below")]
     if backend == "fa3":
         return [Row("flash attention", PASS, reason)]
-    return [Row("flash attention", WARN,
-                f"{reason}. Expect a slower run: SDPA computes sliding windows densely (+{dense_window_overhead(model):.0%} FLOPs per "
-                "token at this config) with a slower masked kernel (FA3 is reported 1.5-2x FA2 on H100). On Hopper: "
-                "pip install 'nanochat[gpu]'")]
+    fix = (f"on Hopper get FA3 ({attn.FA3_HUB_REPO} v{attn.FA3_HUB_VERSION} via kernels: torch >= 2.9 on CUDA >= 12.6, as "
+           "scripts/setup_venv.sh installs)")
+    notice = attn.sdpa_window_notice(device, dtype, model.config, model.estimate_flops())
+    if notice is None:  # no sliding windows: only the kernel itself is slower (FA3 is reported 1.5-2x FA2 on H100)
+        return [Row("flash attention", WARN, f"{reason}. No sliding windows, but SDPA is a slower kernel than FA3: {fix}")]
+    if world_size > 1:
+        return [Row("flash attention", FAIL, f"{reason}. {notice}: {fix}, or pass --window-pattern L")]
+    return [Row("flash attention", WARN, f"{reason}. {notice}: {fix}, or pass --window-pattern L for a long run")]
 
 
 def forward_backward(fn, q, k, v, window, grad_out):
@@ -694,7 +694,7 @@ def run_checks(own, args, dist_info):
     rows += plan_rows
     model, hp = plan or (None, None)
     if model is not None:
-        rows += guarded(["flash attention"], check_flash_attention, device, COMPUTE_DTYPE, model)
+        rows += guarded(["flash attention"], check_flash_attention, device, COMPUTE_DTYPE, model, world_size)
         rows += guarded(["attention"], check_attention_windows, device, COMPUTE_DTYPE, model.config)
     rows += guarded(["fp8"], check_fp8, device, args.fp8, model.config.n_embd if model else 768)
     rows += guarded(["all_reduce", "reduce_scatter", "all_gather"], check_collectives, device)

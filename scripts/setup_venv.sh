@@ -2,21 +2,34 @@
 # Creates .venv (if missing) and installs nanochat with the right torch for this machine.
 # Sourced by tests/run.sh and speedrun.sh; usage: source scripts/setup_venv.sh [cpu|auto]
 #   cpu  : always the CPU build of torch (tests never need CUDA)
-#   auto : the CUDA build plus flash-attn when an NVIDIA GPU is visible, else the CPU build
+#   auto : with an NVIDIA GPU visible, a CUDA torch that the hub's prebuilt FA3 has a build for, plus
+#          `kernels` to fetch it; else the CPU build
 # The CPU build is pinned (torch==2.13.0) so a CPU-only box never downloads a multi-GB CUDA build:
 # first the local "+cpu" wheel (find-links), else PyTorch's CPU index.
+# On a GPU node scripts/torch_choice.py picks the torch: the venv's own CUDA torch is kept when FA3
+# has a build for it; else torch 2.13.0 for CUDA 13.0 (PyPI) or, on a driver of CUDA 12.x, 12.6.
+# NANOCHAT_KEEP_TORCH=1 before the venv exists builds it on the node's python packages
+# (--system-site-packages) to keep the node's own torch, and stops if that torch does not qualify.
 set -euo pipefail
 _want=${1:-auto}
 _root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 _py=${PYTHON:-python3}
-[ -x "$_root/.venv/bin/python" ] || "$_py" -m venv "$_root/.venv"
+_venv_flags=""
+[ "${NANOCHAT_KEEP_TORCH:-0}" = 1 ] && [ "$_want" = auto ] && _venv_flags="--system-site-packages"
+[ -x "$_root/.venv/bin/python" ] || "$_py" -m venv $_venv_flags "$_root/.venv"
 _pip="$_root/.venv/bin/python -m pip install -q --disable-pip-version-check"
 if [ "$_want" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    $_pip "torch==2.13.0"
+    _torch=$("$_root/.venv/bin/python" "$_root/scripts/torch_choice.py")  # says why on stderr; set -e stops on a refusal
+    if [ "$_torch" != keep ]; then
+        # a CPU build of the same version would satisfy torch==2.13.0 and stay: remove the venv's torch first
+        "$_root/.venv/bin/python" -m pip uninstall -y -q torch >/dev/null 2>&1 || true
+        $_pip $_torch
+    fi
     $_pip -e "$_root[dev]"
-    # prebuilt FA3 kernels fetched from the HF hub at first use (a source build of flash-attn takes
-    # an hour); without them attention falls back to SDPA, and base_train/preflight say so
-    $_pip "kernels" || echo "setup_venv: 'kernels' did not install; attention will use SDPA"
+    # prebuilt FA3 fetched from the HF hub at first use (a source build of flash-attn takes an hour).
+    # Pinned: kernels >= 0.15 needs the kernel version nanochat/attention.py passes, 0.17 resolves the
+    # stable-ABI builds. Without it attention falls back to SDPA, and base_train/preflight say what that costs.
+    $_pip "kernels==0.17.2" || echo "setup_venv: 'kernels' did not install; attention will use SDPA"
 else
     $_pip "torch==2.13.0+cpu" 2>/dev/null || $_pip "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     $_pip -e "$_root[dev]"

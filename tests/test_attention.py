@@ -1,9 +1,15 @@
-"""Attention: SDPA backend against a naive reference for every window, GQA shapes, backend choice."""
+"""Attention: SDPA backend against a naive reference for every window, GQA shapes, backend choice,
+the hub FA3 requested by version, and what SDPA's dense window masks cost (on a faked Hopper GPU)."""
+
+import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from nanochat.attention import attention, band_mask, naive_attention, select_backend
+from nanochat.attention import (attention, band_mask, dense_window_cost, keys_per_query, naive_attention, sdpa_window_notice,
+                                select_backend)
+from nanochat.gpt import GPTConfig
 
 
 @pytest.mark.parametrize("window", [1, 3, 8, 17, 32, 64, 1000])
@@ -113,3 +119,56 @@ def test_flash_output_with_lse_is_unpacked(fake_flash):
     y = attention(q, k, v, 3)
     assert isinstance(y, torch.Tensor) and y.shape == q.shape
     torch.testing.assert_close(y, naive_attention(q, k, v, 3), rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the hub FA3 is loaded by version; what SDPA's dense window masks cost
+
+def test_hub_fa3_is_requested_by_version(monkeypatch):
+    """kernels >= 0.15 refuses a hub kernel without a version: the fallback would be silent SDPA."""
+    import types
+    import nanochat.attention as attn
+    calls = []
+    fake_kernels = types.ModuleType("kernels")
+    fake_kernels.get_kernel = lambda repo_id, **kwargs: calls.append((repo_id, kwargs)) or types.SimpleNamespace()
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "kernels", fake_kernels)
+    module, name = attn._import_flash()
+    assert module is not None and calls == [("kernels-community/flash-attn3", {"version": 1})]
+    assert "v1" in name
+
+
+def test_keys_per_query_counts_what_each_kernel_computes():
+    T = 16
+    for w in (1, 4, 15, 16, 40):
+        in_band = band_mask(T, min(w, T), torch.device("cpu")).sum().item() / T  # FA3 skips everything outside
+        assert keys_per_query(T, w, "fa3") == pytest.approx(in_band)
+    assert keys_per_query(T, 4, "sdpa") == T  # a band mask: every key computed, then masked
+    assert keys_per_query(T, T, "sdpa") == keys_per_query(T, T, "fa3") == (T + 1) / 2  # is_causal skips the upper half
+
+
+def test_dense_window_cost_of_sssl_at_2048():
+    # by hand: a 512 window costs 512 - 512*511/4096 = 448.125 keys per query under FA3, a causal
+    # 2048 window 1024.5; a 512 band mask under SDPA costs all 2048
+    cost = dense_window_cost([512, 512, 512, 2048], 2048, n_head=2, head_dim=64)
+    per_key = 12 * 2 * 64
+    assert cost.dense_layers == 3 and cost.n_layers == 4
+    assert cost.fa3_flops == pytest.approx(per_key * (3 * 448.125 + 1024.5))
+    assert cost.sdpa_flops == pytest.approx(per_key * (3 * 2048 + 1024.5))
+    assert cost.l_only_flops == pytest.approx(per_key * 4 * 1024.5)
+    assert dense_window_cost([64] * 4, 64, 2, 64).dense_layers == 0
+
+
+def test_sdpa_window_notice_only_on_a_gpu_without_flash(monkeypatch):
+    import nanochat.attention as attn
+    sssl = GPTConfig(sequence_len=2048, n_layer=4, n_head=2, n_kv_head=2, n_embd=128)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a faked H100
+    monkeypatch.setattr(attn, "_FLASH", [(None, "no FlashAttention (kernels: ImportError)")])
+    notice = sdpa_window_notice(cuda, torch.bfloat16, sssl, 1e9)
+    assert "3 of 4 layers as dense 2048x2048 masks" in notice and "3.03x its FA3 FLOPs" in notice
+    assert "1.75x an all-long pattern (--window-pattern L)" in notice
+    assert sdpa_window_notice(cuda, torch.bfloat16, replace(sssl, window_pattern="L"), 1e9) is None
+    assert sdpa_window_notice(torch.device("cpu"), torch.bfloat16, sssl, 1e9) is None
+    monkeypatch.setattr(attn, "_FLASH", [(object(), "fake FA3")])
+    assert sdpa_window_notice(cuda, torch.bfloat16, sssl, 1e9) is None

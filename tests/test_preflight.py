@@ -1,7 +1,7 @@
 """scripts/preflight.py on CPU: the whole table at 1 and 2 ranks with its exit code, and every check forced
-into its failure (wrong attention backend, broken fp8, corrupted collective, OOM, missing tokenizer, missing
-or short data, slow loader, full disk, unwritable run dir, no wandb credentials) with a message that says
-what to fix."""
+into its failure (wrong attention backend, SDPA's dense window masks on several GPUs, broken fp8, corrupted
+collective, OOM, missing tokenizer, missing or short data, slow loader, full disk, unwritable run dir, no
+wandb credentials) with a message that says what to fix."""
 
 import json
 import os
@@ -100,6 +100,24 @@ def test_wrong_attention_backend_fails_the_short_windows(monkeypatch):
     short, full = preflight.check_attention_windows(CPU, torch.float32, config)
     assert short.status == FAIL and "reinstall torch" in short.message
     assert full.status == PASS  # ignoring the window is right only when the window is the whole context
+
+
+def test_sdpa_with_windows_on_a_gpu_warns_and_fails_on_several(monkeypatch):
+    """A faked H100 without FlashAttention: the row states the dense-mask cost; 8 GPUs make it a FAIL."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(nanochat.attention, "_FLASH", [(None, "no FlashAttention (kernels: ImportError)")])
+    cuda = torch.device("cuda", 0)
+    with torch.device("meta"):
+        sssl = GPT(GPTConfig(sequence_len=2048, n_layer=4, n_head=2, n_kv_head=2, n_embd=128))
+        long_only = GPT(GPTConfig(sequence_len=2048, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L"))
+    row = preflight.check_flash_attention(cuda, torch.bfloat16, sssl, 8)[0]
+    assert row.status == FAIL and "3 of 4 layers as dense 2048x2048 masks" in row.message
+    assert "3.03x its FA3 FLOPs" in row.message and "or pass --window-pattern L" in row.message
+    assert preflight.check_flash_attention(cuda, torch.bfloat16, sssl, 1)[0].status == WARN
+    row = preflight.check_flash_attention(cuda, torch.bfloat16, long_only, 8)[0]
+    assert row.status == WARN and "No sliding windows" in row.message
+    monkeypatch.setattr(nanochat.attention, "_FLASH", [(object(), "fake FA3")])
+    assert preflight.check_flash_attention(cuda, torch.bfloat16, sssl, 8)[0].status == PASS
 
 
 def test_fp8_numerics(monkeypatch):
