@@ -1,13 +1,18 @@
 """The GPT: configuration, layers, forward pass with a memory-lean loss, parameter and FLOP counts.
 
 Architecture (facts in shared NOTES.md, "Model"):
-- token embedding -> parameter-free RMSNorm -> n_layer blocks -> RMSNorm -> untied lm_head
+- token embedding -> parameter-free RMSNorm -> smear (a gated share of the previous token's
+  embedding) -> n_layer blocks -> backout (minus a learned share of the mid-depth residual)
+  -> RMSNorm -> untied lm_head
 - each block: x = lambda_resid[i] * x + lambda_x0[i] * x0, then pre-norm attention and a
   ReLU^2 MLP (4x hidden), no biases anywhere
 - attention: rotary (base 100 000), parameter-free QK-norm, grouped-query heads, a
   sliding-window pattern ("SSSL": short = a quarter of the context rounded up to 128,
-  the last layer always long), and value embeddings on alternating layers (the last one
-  included) mixed into v through an input-dependent gate
+  the last layer always long), q and k scaled by 1.2 after the norm, and value embeddings
+  on alternating layers (the last one included) mixed into v through an input-dependent gate
+  (3 * sigmoid over 12 channels)
+- smear, backout, q/k scale and the 3x gate are the reference's July record recipe (shared
+  RECIPE.md, "Architecture"); dev/LOG.md has what each measured here
 - logits soft-capped at 15 * tanh(z / 15); vocab padded to a multiple of 64
 
 Precision: master weights are fp32; `Linear` casts its weight to the activation dtype and
@@ -29,6 +34,8 @@ from nanochat.scaling import VE_GATE_CHANNELS, model_shape
 
 ROTARY_BASE = 100_000
 VOCAB_MULTIPLE = 64
+QK_SCALE = 1.2  # RECIPE: q and k x1.2 after RoPE + QK-norm (R1 1.15, R2 1.2): sharper attention than unit-norm q.k
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the current token's embedding
 LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk: 1024 rows at vocab 32768 = 128 MiB in fp32
 
 
@@ -70,7 +77,8 @@ class GPTConfig:
     def window_sizes(self):
         """Keys visible to each query, per layer: the pattern tiled over depth, last layer long."""
         T = self.sequence_len
-        short = self.short_window or min(T, math.ceil(T / 4 / 128) * 128)
+        # RECIPE: S = -(-T//4 // 128) * 128, a quarter of T rounded up to 128 (512 at T=2048)
+        short = self.short_window or min(T, -(-(T // 4) // 128) * 128)
         pattern = self.window_pattern.upper()
         sizes = [T if pattern[i % len(pattern)] == "L" else short for i in range(self.n_layer)]
         sizes[-1] = T
@@ -127,12 +135,12 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if value_embed is not None:
-            # gate in (0, 2), exactly 1 at init (zero weights): the token's value embedding is
-            # added to v with a per-head, input-dependent weight
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            # gate in (0, 3) (RECIPE R1: 3 * sigmoid, was 2x): the token's value embedding is added
+            # to v with a per-head, input-dependent weight; the wider range lets a head lean on it harder
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
-        q = apply_rotary(rms_norm(q), cos, sin)
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q = apply_rotary(rms_norm(q), cos, sin) * QK_SCALE
+        k = apply_rotary(rms_norm(k), cos, sin) * QK_SCALE
         y = attention(q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -259,6 +267,9 @@ class GPT(nn.Module):
         self.lm_head = Linear(C, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
         cos, sin = rotary_tables(config.sequence_len, config.head_dim, device=self.wte.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -293,6 +304,12 @@ class GPT(nn.Module):
             nn.init.uniform_(ve.weight, -bound, bound)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
+        # RECIPE "Smear and backout at HEAD": smear off at start (lambda 0) with a small positive
+        # gate, backout at 0.2. The reference's record commit never set them (uninitialised memory
+        # after to_empty); here every parameter is written (test_init_weights_writes_everything)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
         self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.head_dim, self.wte.weight.device)
 
     def hidden_states(self, idx):
@@ -302,13 +319,27 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the model's sequence_len {self.config.sequence_len}")
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         dtype = self.compute_dtype
-        x = rms_norm(self.wte(idx).to(dtype))
-        x0 = x
+        x = self.smear(rms_norm(self.wte(idx).to(dtype)))
+        x0 = x  # taken after smearing: every layer's x0 mix carries the bigram signal too
+        backout_layer, mid = self.config.n_layer // 2, None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i])
-        return rms_norm(x)
+            if i == backout_layer:
+                mid = x
+        # backout (RECIPE R2): subtract a learned share of the residual after block L//2, so the
+        # head reads less of the mid-depth features the later blocks have already used
+        return rms_norm(x - self.backout_lambda.to(dtype) * mid)
+
+    def smear(self, e):
+        """Smear (RECIPE R2): e_t += lambda_s * sigmoid(w . e_t[:24]) * e_{t-1} for t >= 1.
+
+        A cheap bigram path: each position gets a gated share of the previous token's (un-smeared)
+        embedding before the first block. No masking at document boundaries, as in the reference.
+        """
+        gate = self.smear_lambda.to(e.dtype) * torch.sigmoid(self.smear_gate(e[:, 1:, :SMEAR_CHANNELS]))
+        return torch.cat([e[:, :1], e[:, 1:] + gate * e[:, :-1]], dim=1)
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         """Logits (B, T, vocab) in fp32 without targets; with targets (-1 = ignore) the loss.
@@ -327,13 +358,14 @@ class GPT(nn.Module):
     # -- accounting ---------------------------------------------------------------
 
     def num_params_by_kind(self):
-        """Parameter counts: wte, value_embeds, matrices (inside blocks), lm_head, scalars."""
+        """Parameter counts: wte, value_embeds, matrices (inside blocks), lm_head, scalars (incl. the smear gate)."""
         return {
             "wte": self.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "matrices": sum(p.numel() for p in self.blocks.parameters()),
             "lm_head": self.lm_head.weight.numel(),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                                                self.smear_lambda, self.backout_lambda)),
         }
 
     def num_scaling_params(self):
@@ -400,6 +432,9 @@ class GPT(nn.Module):
             dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * width_lr_scale, betas=adam_betas),
             dict(kind="adamw", params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=adam_betas),
             dict(kind="adamw", params=[self.x0_lambdas], lr=scalar_lr, betas=(0.9, adam_betas[1])),
+            # RECIPE R2: smear gate, smear and backout lambdas at a fixed 0.2 (not batch-scaled)
+            dict(kind="adamw", params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda],
+                 lr=0.2, betas=adam_betas),
         ]
         grouped = [p for group in groups for p in group["params"]]
         if len(grouped) != len(list(self.parameters())) or set(grouped) != set(self.parameters()):

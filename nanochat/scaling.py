@@ -19,7 +19,7 @@ BATCH_EXPONENT = 0.383
 REF_WIDTH = 768
 REF_WEIGHT_DECAY = 0.22
 DEFAULT_PARAM_DATA_RATIO = 10.5
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many leading channels (gpt.py imports it)
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many leading channels (gpt.py imports it; RECIPE R1: 12)
 
 
 def model_shape(depth, aspect_ratio=64, head_dim=128):
