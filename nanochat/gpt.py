@@ -289,21 +289,28 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Initialises every parameter and buffer in place (run after to_empty() from the meta device)."""
+        # values from RECIPE.md "Initialization" (the reference's R1/R2 record recipe)
+        L = self.config.n_layer
         bound = (3 / self.config.n_embd) ** 0.5  # uniform with std 1/sqrt(fan_in)
-        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.wte.weight, std=0.8)  # R1: 0.8 (was 1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)  # R2: 0.4x (R1 0.5x)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+                # small positive weights (R1; was 0): the gate starts input-dependent, not flat
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        # per-layer schedules (R2; were 1.0 and 0.1): early layers keep more of their residual and
+        # of x0, deep layers start closer to a plain residual stream
+        depth_frac = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(1, L - 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
         # RECIPE "Smear and backout at HEAD": smear off at start (lambda 0) with a small positive
         # gate, backout at 0.2. The reference's record commit never set them (uninitialised memory
         # after to_empty); here every parameter is written (test_init_weights_writes_everything)

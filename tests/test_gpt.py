@@ -219,3 +219,18 @@ def test_init_weights_writes_every_parameter_and_buffer():
     model.init_weights()
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         assert not t.isnan().any(), f"{name} is not written by init_weights"
+
+
+def test_init_follows_the_record_recipe():
+    """RECIPE "Initialization": wte N(0, 0.8^2), c_fc at 0.4x the uniform bound, per-layer lambda schedules,
+    gates U(0, 0.02), smear off, backout 0.2."""
+    model = build(GPTConfig.from_depth(5, vocab_size=4096, sequence_len=32, head_dim=64))
+    bound = (3 / 320) ** 0.5
+    assert abs(model.wte.weight.std().item() - 0.8) < 0.01
+    c_fc = model.blocks[0].mlp.c_fc.weight
+    assert 0.39 * bound < c_fc.abs().max() <= 0.4 * bound
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor([1.15, 1.125, 1.10, 1.075, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.1625, 0.125, 0.0875, 0.05]))
+    for gate in [model.smear_gate.weight] + [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]:
+        assert gate.min() >= 0 and 0.015 < gate.max() <= 0.02
+    assert model.smear_lambda.item() == 0.0 and model.backout_lambda.item() == pytest.approx(0.2)
