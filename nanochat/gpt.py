@@ -412,18 +412,25 @@ class GPT(nn.Module):
 
     # -- optimizer ----------------------------------------------------------------
 
-    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
-                        weight_decay=0.0, adam_betas=(0.8, 0.95), compiled=True):
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, gate_lr=0.2,
+                        weight_decay=0.0, muon_eq=True, muon_plus=True, compiled=True):
         """A MuonAdamW over every parameter: Muon for the block matrices, AdamW for everything else.
 
-        Defaults are the public nanochat speedrun values (NOTES "Optimisation"), tuned at d12:
-        - Muon, one group per matrix shape (they are stacked): matrix_lr, momentum 0.95 (the loop
-          ramps it), weight_decay (the loop passes the width-scaled value, e.g. 0.22 at d12);
-        - AdamW, betas (0.8, 0.95), eps 1e-10, no weight decay: wte and value embeddings at
-          embedding_lr, lm_head at unembedding_lr, both times (n_embd / 768)^-0.5 so wider models
-          take smaller steps; resid_lambdas at scalar_lr * 0.01 (they start at 1 and scale the
-          whole residual stream, a 0.5 Adam step would wreck it); x0_lambdas at scalar_lr with
-          beta1 0.9 (NOTES: a plateau at beta1 0.90-0.96, a cliff at 0.98: take the safe end).
+        Groups, betas, eps and weight decays are the reference's record recipe (RECIPE.md,
+        "Optimizer"); LRs are the values at batch 2^19, the caller scales them with the batch:
+        - Muon, one group per matrix shape (they are stacked; the ve_gates are block matrices too):
+          matrix_lr (x max(1, rows/cols)^0.5 inside the step), NorMuon beta2 0.9, momentum set by the
+          loop's schedule, weight_decay (the loop passes the T_epoch-rule value and fades it), and
+          the MuonEq / Muon+ refinements (switchable to measure them);
+        - AdamW, eps 1e-10, plain decoupled weight decay that stays constant. Embedding and head
+          LRs are times (n_embd / 768)^-0.5 so wider models take smaller steps:
+            lm_head       unembedding_lr        betas (0.8, 0.96)   wd 0.01
+            wte           embedding_lr          betas (0.8, 0.995)  wd 0.001
+            value embeds  embedding_lr * 0.5    betas (0.8, 0.995)  wd 0.01
+            resid_lambdas scalar_lr * 0.01      betas (0.8, 0.95)   wd 0.05  (they scale the whole
+                                                                             residual: small steps)
+            x0_lambdas    scalar_lr             betas (0.96, 0.95)  wd 0
+            smear gate, smear and backout lambdas: gate_lr (not batch- or width-scaled), (0.8, 0.95), wd 0
         compiled: torch.compile the update functions (one cold compile per parameter shape).
         """
         from nanochat.optim import MuonAdamW, default_orth_dtype  # imported on use: the model itself never needs the optimizer
@@ -432,17 +439,19 @@ class GPT(nn.Module):
         matrices = list(self.blocks.parameters())
         shapes = sorted({tuple(p.shape) for p in matrices})
         groups = [dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
-                       weight_decay=weight_decay) for shape in shapes]
+                       weight_decay=weight_decay, beta2=0.9, muon_eq=muon_eq, muon_plus=muon_plus) for shape in shapes]
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd, cautious=False)
         groups += [
-            dict(kind="adamw", params=[self.wte.weight, *self.value_embeds.parameters()],
-                 lr=embedding_lr * width_lr_scale, betas=adam_betas),
-            dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * width_lr_scale, betas=adam_betas),
-            dict(kind="adamw", params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=adam_betas),
-            dict(kind="adamw", params=[self.x0_lambdas], lr=scalar_lr, betas=(0.9, adam_betas[1])),
-            # RECIPE R2: smear gate, smear and backout lambdas at a fixed 0.2 (not batch-scaled)
-            dict(kind="adamw", params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda],
-                 lr=0.2, betas=adam_betas),
+            adamw([self.lm_head.weight], unembedding_lr * width_lr_scale, (0.8, 0.96), 0.01),
+            adamw([self.wte.weight], embedding_lr * width_lr_scale, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * width_lr_scale, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], gate_lr, (0.8, 0.95), 0.0),
         ]
+        groups = [g for g in groups if g["params"]]  # a 1-layer model without value embeddings has no VE group
         grouped = [p for group in groups for p in group["params"]]
         if len(grouped) != len(list(self.parameters())) or set(grouped) != set(self.parameters()):
             raise RuntimeError("setup_optimizer: a parameter of GPT is missing from the optimizer groups "

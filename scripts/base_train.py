@@ -61,9 +61,11 @@ def parse_args(argv=None):
     # optimizer
     p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
     p.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
-    p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head at batch 2^19")
+    p.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
     p.add_argument("--weight-decay", type=float, default=-1.0, help="cautious weight decay (-1: 0.22 * (768/width)^2)")
+    p.add_argument("--muon-eq", type=int, default=1, help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
+    p.add_argument("--muon-plus", type=int, default=1, help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
     p.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
     p.add_argument("--warmdown-frac", type=float, default=0.65, help="fraction of training spent in linear warmdown")
     p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end as a fraction of peak")
@@ -167,7 +169,8 @@ def build_model(args, vocab_size, device):
 def build_optimizer(model, hp, args):
     return model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
                                  unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
-                                 weight_decay=hp["weight_decay"], compiled=bool(args.compile))
+                                 weight_decay=hp["weight_decay"], muon_eq=bool(args.muon_eq),
+                                 muon_plus=bool(args.muon_plus), compiled=bool(args.compile))
 
 
 def train_step(model, compiled, optimizer, scaler, batches, grad_accum):
