@@ -15,7 +15,8 @@ Architecture (facts in shared NOTES.md, "Model"):
   RECIPE.md, "Architecture"); dev/LOG.md has what each measured here
 - logits soft-capped at 15 * tanh(z / 15); vocab padded to a multiple of 64
 
-Precision: master weights are fp32; `Linear` casts its weight to the activation dtype and
+Precision: master weights are fp32 (token and value embeddings bf16 when the compute dtype is
+bf16, as in the reference); `Linear` casts its weight to the activation dtype and
 activations run in `COMPUTE_DTYPE` (no autocast). The training loss never materialises the
 (B*T x vocab) logits: `fused_head_cross_entropy` walks the rows in chunks and computes the
 gradients of each chunk during the forward pass.
@@ -263,6 +264,12 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, C)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
                                            for i in range(config.n_layer) if config.has_value_embed(i)})
+        if self.compute_dtype == torch.bfloat16:
+            # RECIPE "Dtypes": token and value embeddings stored in bf16 (a lookup reads them in bf16
+            # anyway): at d24 fp32 copies cost ~2.7 GB per GPU and twice the gradient traffic. AdamW
+            # keeps fp32 state and math (optim.adamw_update); NANOCHAT_DTYPE=float32 keeps them fp32.
+            self.wte.to(torch.bfloat16)
+            self.value_embeds.to(torch.bfloat16)
         self.blocks = nn.ModuleList([Block(config, config.has_value_embed(i)) for i in range(config.n_layer)])
         self.lm_head = Linear(C, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))

@@ -268,8 +268,11 @@ def train_steps(model, optimizer, steps, first_step, seed=0):
         model.zero_grad(set_to_none=True)
 
 
-def test_state_dict_resume_is_bit_identical():
-    model = dist_optim_worker.build_model()
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_identical(compute_dtype):
+    """Also with bf16 compute, where wte and the value embeddings are stored in bf16 (AdamW state fp32)."""
+    model = dist_optim_worker.build_model(compute_dtype)
+    assert model.wte.weight.dtype == compute_dtype and model.lm_head.weight.dtype == torch.float32
     optimizer = model.setup_optimizer(weight_decay=0.1, compiled=False)
     train_steps(model, optimizer, 3, first_step=0)
     buffer = io.BytesIO()
@@ -278,7 +281,7 @@ def test_state_dict_resume_is_bit_identical():
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = dist_optim_worker.build_model()
+    resumed = dist_optim_worker.build_model(compute_dtype)
     torch.manual_seed(123)
     resumed.init_weights()  # different weights, so the load has to do the work
     resumed.load_state_dict(saved["model"])
