@@ -57,8 +57,8 @@ else
 fi
 
 if [ "$PRESET" = gpu ]; then
-    # ---- the reference run: d24, ClimbMix, FP8, undertrained at ratio 8.5 (NOTES: ~8-9.5 reaches
-    # the CORE bar sooner than the compute-optimal 10.5) -----------------------------------------
+    # ---- the reference run: d24, ClimbMix, FP8, undertrained at ratio 8 (RECIPE: the record's
+    # command shape; ~8-9.5 reaches the CORE bar sooner than the default 12) ----------------------
     DATA_DIR=$NANOCHAT_BASE_DIR/base_data
     RUN_DIR=$NANOCHAT_BASE_DIR/runs/speedrun
     stage data-tokenizer python -m nanochat.dataset -n 8 --data-dir "$DATA_DIR"
@@ -69,7 +69,7 @@ if [ "$PRESET" = gpu ]; then
     stage tok-eval python -m scripts.tok_eval --data-dir "$DATA_DIR"
     stage data-wait wait $DOWNLOAD_PID
     stage base-train torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_train -- \
-        --depth 24 --target-param-data-ratio 8.5 --fp8 --device-batch-size 16 --data-dir "$DATA_DIR" \
+        --depth 24 --target-param-data-ratio 8 --fp8 --device-batch-size 16 --data-dir "$DATA_DIR" \
         --run "$WANDB_RUN" --run-dir "$RUN_DIR" --core-metric-every 2000 --save-every 2000
     stage base-eval torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_eval -- \
         --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" --device-batch-size 16 --run "$WANDB_RUN"

@@ -1,16 +1,22 @@
 """The GPT: configuration, layers, forward pass with a memory-lean loss, parameter and FLOP counts.
 
 Architecture (facts in shared NOTES.md, "Model"):
-- token embedding -> parameter-free RMSNorm -> n_layer blocks -> RMSNorm -> untied lm_head
+- token embedding -> parameter-free RMSNorm -> smear (a gated share of the previous token's
+  embedding) -> n_layer blocks -> backout (minus a learned share of the mid-depth residual)
+  -> RMSNorm -> untied lm_head
 - each block: x = lambda_resid[i] * x + lambda_x0[i] * x0, then pre-norm attention and a
   ReLU^2 MLP (4x hidden), no biases anywhere
 - attention: rotary (base 100 000), parameter-free QK-norm, grouped-query heads, a
   sliding-window pattern ("SSSL": short = a quarter of the context rounded up to 128,
-  the last layer always long), and value embeddings on alternating layers (the last one
-  included) mixed into v through an input-dependent gate
+  the last layer always long), q and k scaled by 1.2 after the norm, and value embeddings
+  on alternating layers (the last one included) mixed into v through an input-dependent gate
+  (3 * sigmoid over 12 channels)
+- smear, backout, q/k scale and the 3x gate are the reference's July record recipe (shared
+  RECIPE.md, "Architecture"); dev/LOG.md has what each measured here
 - logits soft-capped at 15 * tanh(z / 15); vocab padded to a multiple of 64
 
-Precision: master weights are fp32; `Linear` casts its weight to the activation dtype and
+Precision: master weights are fp32 (token and value embeddings bf16 when the compute dtype is
+bf16, as in the reference); `Linear` casts its weight to the activation dtype and
 activations run in `COMPUTE_DTYPE` (no autocast). The training loss never materialises the
 (B*T x vocab) logits: `fused_head_cross_entropy` walks the rows in chunks and computes the
 gradients of each chunk during the forward pass.
@@ -29,6 +35,8 @@ from nanochat.scaling import VE_GATE_CHANNELS, model_shape
 
 ROTARY_BASE = 100_000
 VOCAB_MULTIPLE = 64
+QK_SCALE = 1.2  # RECIPE: q and k x1.2 after RoPE + QK-norm (R1 1.15, R2 1.2): sharper attention than unit-norm q.k
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the current token's embedding
 LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk: 1024 rows at vocab 32768 = 128 MiB in fp32
 FP16_SAFE_MAX = 60_000  # headroom under fp16's largest finite value, 65504
 
@@ -71,7 +79,8 @@ class GPTConfig:
     def window_sizes(self):
         """Keys visible to each query, per layer: the pattern tiled over depth, last layer long."""
         T = self.sequence_len
-        short = self.short_window or min(T, math.ceil(T / 4 / 128) * 128)
+        # RECIPE: S = -(-T//4 // 128) * 128, a quarter of T rounded up to 128 (512 at T=2048)
+        short = self.short_window or min(T, -(-(T // 4) // 128) * 128)
         pattern = self.window_pattern.upper()
         sizes = [T if pattern[i % len(pattern)] == "L" else short for i in range(self.n_layer)]
         sizes[-1] = T
@@ -128,12 +137,12 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if value_embed is not None:
-            # gate in (0, 2), exactly 1 at init (zero weights): the token's value embedding is
-            # added to v with a per-head, input-dependent weight
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            # gate in (0, 3) (RECIPE R1: 3 * sigmoid, was 2x): the token's value embedding is added
+            # to v with a per-head, input-dependent weight; the wider range lets a head lean on it harder
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
-        q = apply_rotary(rms_norm(q), cos, sin)
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q = apply_rotary(rms_norm(q), cos, sin) * QK_SCALE
+        k = apply_rotary(rms_norm(k), cos, sin) * QK_SCALE
         y = attention(q, k, v, window)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -267,10 +276,19 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, C)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
                                            for i in range(config.n_layer) if config.has_value_embed(i)})
+        if self.compute_dtype == torch.bfloat16:
+            # RECIPE "Dtypes": token and value embeddings stored in bf16 (a lookup reads them in bf16
+            # anyway): at d24 fp32 copies cost ~2.7 GB per GPU and twice the gradient traffic. AdamW
+            # keeps fp32 state and math (optim.adamw_update); NANOCHAT_DTYPE=float32 keeps them fp32.
+            self.wte.to(torch.bfloat16)
+            self.value_embeds.to(torch.bfloat16)
         self.blocks = nn.ModuleList([Block(config, config.has_value_embed(i)) for i in range(config.n_layer)])
         self.lm_head = Linear(C, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
         cos, sin = rotary_tables(config.sequence_len, config.head_dim, device=self.wte.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -290,21 +308,34 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Initialises every parameter and buffer in place (run after to_empty() from the meta device)."""
+        # values from RECIPE.md "Initialization" (the reference's R1/R2 record recipe)
+        L = self.config.n_layer
         bound = (3 / self.config.n_embd) ** 0.5  # uniform with std 1/sqrt(fan_in)
-        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.wte.weight, std=0.8)  # R1: 0.8 (was 1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)  # R2: 0.4x (R1 0.5x)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+                # small positive weights (R1; was 0): the gate starts input-dependent, not flat
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for ve in self.value_embeds.values():
             nn.init.uniform_(ve.weight, -bound, bound)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        # per-layer schedules (R2; were 1.0 and 0.1): early layers keep more of their residual and
+        # of x0, deep layers start closer to a plain residual stream
+        depth_frac = torch.arange(L, dtype=torch.float32, device=self.resid_lambdas.device) / max(1, L - 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        # RECIPE "Smear and backout at HEAD": smear off at start (lambda 0) with a small positive
+        # gate, backout at 0.2. The reference's record commit never set them (uninitialised memory
+        # after to_empty); here every parameter is written (test_init_weights_writes_everything)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
         self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.head_dim, self.wte.weight.device)
 
     def hidden_states(self, idx):
@@ -314,13 +345,27 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the model's sequence_len {self.config.sequence_len}")
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         dtype = self.compute_dtype
-        x = rms_norm(self.wte(idx).to(dtype))
-        x0 = x
+        x = self.smear(rms_norm(self.wte(idx).to(dtype)))
+        x0 = x  # taken after smearing: every layer's x0 mix carries the bigram signal too
+        backout_layer, mid = self.config.n_layer // 2, None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i])
-        return rms_norm(x)
+            if i == backout_layer:
+                mid = x
+        # backout (RECIPE R2): subtract a learned share of the residual after block L//2, so the
+        # head reads less of the mid-depth features the later blocks have already used
+        return rms_norm(x - self.backout_lambda.to(dtype) * mid)
+
+    def smear(self, e):
+        """Smear (RECIPE R2): e_t += lambda_s * sigmoid(w . e_t[:24]) * e_{t-1} for t >= 1.
+
+        A cheap bigram path: each position gets a gated share of the previous token's (un-smeared)
+        embedding before the first block. No masking at document boundaries, as in the reference.
+        """
+        gate = self.smear_lambda.to(e.dtype) * torch.sigmoid(self.smear_gate(e[:, 1:, :SMEAR_CHANNELS]))
+        return torch.cat([e[:, :1], e[:, 1:] + gate * e[:, :-1]], dim=1)
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         """Logits (B, T, vocab) in fp32 without targets; with targets (-1 = ignore) the loss.
@@ -339,13 +384,14 @@ class GPT(nn.Module):
     # -- accounting ---------------------------------------------------------------
 
     def num_params_by_kind(self):
-        """Parameter counts: wte, value_embeds, matrices (inside blocks), lm_head, scalars."""
+        """Parameter counts: wte, value_embeds, matrices (inside blocks), lm_head, scalars (incl. the smear gate)."""
         return {
             "wte": self.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "matrices": sum(p.numel() for p in self.blocks.parameters()),
             "lm_head": self.lm_head.weight.numel(),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                                                self.smear_lambda, self.backout_lambda)),
         }
 
     def num_scaling_params(self):
@@ -385,18 +431,25 @@ class GPT(nn.Module):
 
     # -- optimizer ----------------------------------------------------------------
 
-    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
-                        weight_decay=0.0, adam_betas=(0.8, 0.95), compiled=True):
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5, gate_lr=0.2,
+                        weight_decay=0.0, muon_eq=True, muon_plus=True, compiled=True):
         """A MuonAdamW over every parameter: Muon for the block matrices, AdamW for everything else.
 
-        Defaults are the public nanochat speedrun values (NOTES "Optimisation"), tuned at d12:
-        - Muon, one group per matrix shape (they are stacked): matrix_lr, momentum 0.95 (the loop
-          ramps it), weight_decay (the loop passes the width-scaled value, e.g. 0.22 at d12);
-        - AdamW, betas (0.8, 0.95), eps 1e-10, no weight decay: wte and value embeddings at
-          embedding_lr, lm_head at unembedding_lr, both times (n_embd / 768)^-0.5 so wider models
-          take smaller steps; resid_lambdas at scalar_lr * 0.01 (they start at 1 and scale the
-          whole residual stream, a 0.5 Adam step would wreck it); x0_lambdas at scalar_lr with
-          beta1 0.9 (NOTES: a plateau at beta1 0.90-0.96, a cliff at 0.98: take the safe end).
+        Groups, betas, eps and weight decays are the reference's record recipe (RECIPE.md,
+        "Optimizer"); LRs are the values at batch 2^19, the caller scales them with the batch:
+        - Muon, one group per matrix shape (they are stacked; the ve_gates are block matrices too):
+          matrix_lr (x max(1, rows/cols)^0.5 inside the step), NorMuon beta2 0.9, momentum set by the
+          loop's schedule, weight_decay (the loop passes the T_epoch-rule value and fades it), and
+          the MuonEq / Muon+ refinements (switchable to measure them);
+        - AdamW, eps 1e-10, plain decoupled weight decay that stays constant. Embedding and head
+          LRs are times (n_embd / 768)^-0.5 so wider models take smaller steps:
+            lm_head       unembedding_lr        betas (0.8, 0.96)   wd 0.01
+            wte           embedding_lr          betas (0.8, 0.995)  wd 0.001
+            value embeds  embedding_lr * 0.5    betas (0.8, 0.995)  wd 0.01
+            resid_lambdas scalar_lr * 0.01      betas (0.8, 0.95)   wd 0.05  (they scale the whole
+                                                                             residual: small steps)
+            x0_lambdas    scalar_lr             betas (0.96, 0.95)  wd 0
+            smear gate, smear and backout lambdas: gate_lr (not batch- or width-scaled), (0.8, 0.95), wd 0
         compiled: torch.compile the update functions (one cold compile per parameter shape).
         """
         from nanochat.optim import MuonAdamW, default_orth_dtype  # imported on use: the model itself never needs the optimizer
@@ -405,14 +458,19 @@ class GPT(nn.Module):
         matrices = list(self.blocks.parameters())
         shapes = sorted({tuple(p.shape) for p in matrices})
         groups = [dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
-                       weight_decay=weight_decay) for shape in shapes]
+                       weight_decay=weight_decay, beta2=0.9, muon_eq=muon_eq, muon_plus=muon_plus) for shape in shapes]
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd, cautious=False)
         groups += [
-            dict(kind="adamw", params=[self.wte.weight, *self.value_embeds.parameters()],
-                 lr=embedding_lr * width_lr_scale, betas=adam_betas),
-            dict(kind="adamw", params=[self.lm_head.weight], lr=unembedding_lr * width_lr_scale, betas=adam_betas),
-            dict(kind="adamw", params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=adam_betas),
-            dict(kind="adamw", params=[self.x0_lambdas], lr=scalar_lr, betas=(0.9, adam_betas[1])),
+            adamw([self.lm_head.weight], unembedding_lr * width_lr_scale, (0.8, 0.96), 0.01),
+            adamw([self.wte.weight], embedding_lr * width_lr_scale, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * width_lr_scale, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], gate_lr, (0.8, 0.95), 0.0),
         ]
+        groups = [g for g in groups if g["params"]]  # a 1-layer model without value embeddings has no VE group
         grouped = [p for group in groups for p in group["params"]]
         if len(grouped) != len(list(self.parameters())) or set(grouped) != set(self.parameters()):
             raise RuntimeError("setup_optimizer: a parameter of GPT is missing from the optimizer groups "

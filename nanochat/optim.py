@@ -3,13 +3,16 @@
 `MuonAdamW` owns the update rules, the gradient averaging across ranks and the optimizer state.
 It does not own schedules: the training loop calls `update_hparams()` every step.
 
-Muon (facts in shared NOTES.md, "Optimisation"), per group of same-shape matrices stacked into
-one (k, rows, cols) tensor so one batched matmul chain serves them all:
-  Nesterov momentum -> 5 Polar Express iterations (~ the nearest semi-orthogonal U V^T)
+Muon (facts in shared NOTES.md, "Optimisation", and RECIPE.md, "Optimizer"), per group of
+same-shape matrices stacked into one (k, rows, cols) tensor so one batched matmul chain serves them all:
+  Nesterov momentum -> cast to the orthogonalisation dtype -> MuonEq (optional: rows to equal norm)
+  -> 5 Polar Express iterations (~ the nearest semi-orthogonal U V^T)
+  -> Muon+ (optional: Frobenius norm to sqrt(min(rows, cols)))
   -> NorMuon row/column normalisation (on by default: -0.016 val loss at d4 over 8 seeds, dev/LOG.md)
-  -> scaled by max(1, rows/cols)^0.5
-  -> p -= lr * (update + wd * p * [sign(update) == sign(p)])   (cautious weight decay)
-AdamW: bias-corrected Adam, math in fp32 whatever the parameter dtype, the same cautious decay.
+  -> p -= lr' * (update + wd * p * [update * p >= 0]),  lr' = lr * max(1, rows/cols)^0.5
+     (cautious weight decay; the shape factor scales the decay too, as in the reference)
+AdamW: bias-corrected Adam, math in fp32 whatever the parameter dtype, optionally the same
+cautious decay (the GPT's groups use plain decoupled decay, RECIPE.md).
 
 Orthogonalisation dtype: bf16 (NOTES), except fp32 when COMPUTE_DTYPE is fp32. fp32 is the
 debugging mode (NANOCHAT_DTYPE=float32, "the whole run in fp32"), so it must not hide a bf16
@@ -49,9 +52,11 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-# X is first divided by its Frobenius norm (>= its spectral norm) times this 2% safety margin,
-# so every singular value starts in (0, 1], the interval the coefficients were fitted on.
-POLAR_EXPRESS_SAFETY = 1.02
+# X is first divided by its Frobenius norm (>= its spectral norm) times this 1% safety margin,
+# so every singular value starts in (0, 1], the interval the coefficients were fitted on
+# (RECIPE R1: 1.01, was 1.02; the Frobenius norm already over-estimates the spectral norm).
+POLAR_EXPRESS_SAFETY = 1.01
+NORMUON_EPS = 1e-10  # floor of NorMuon's second moment before rsqrt (RECIPE)
 # AdamW tensors with fewer elements are all-reduced instead of reduce-scattered + all-gathered:
 # one latency-bound collective beats two, and sharding state this small saves nothing.
 SHARD_MIN_NUMEL = 4096
@@ -83,6 +88,24 @@ def polar_express(G, orth_dtype):
     return X.mT if tall else X
 
 
+def muon_eq(X):
+    """MuonEq: rescale every row of X (..., rows, cols) to the same norm, ||X||_F / sqrt(rows).
+
+    Applied to the momentum before orthogonalisation, so no single row (output neuron) with a
+    large gradient dominates the spectrum Polar Express sees (RECIPE, 4e014d3). Math in fp32,
+    result in X's dtype.
+    """
+    Xf = X.float()
+    target = Xf.norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5
+    return (Xf * (target / Xf.norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(X.dtype)
+
+
+def muon_plus(U):
+    """Muon+: rescale the orthogonalised U (..., rows, cols) to Frobenius norm sqrt(min(rows, cols)),
+    the norm of an exact semi-orthogonal matrix; removes Polar Express's few-% norm error (RECIPE, 4e014d3)."""
+    return U * (min(U.size(-2), U.size(-1)) ** 0.5 / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
+
+
 def normuon_normalize(U, second_moment, beta2):
     """NorMuon-style factored normalisation of an orthogonalised update U (k, rows, cols), fp32.
 
@@ -93,7 +116,7 @@ def normuon_normalize(U, second_moment, beta2):
     """
     reduce_dim = -1 if U.size(-2) >= U.size(-1) else -2
     second_moment.lerp_(U.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
-    V = U * second_moment.clamp_min(1e-20).rsqrt()
+    V = U * second_moment.clamp_min(NORMUON_EPS).rsqrt()
     return V * (U.norm(dim=(-2, -1), keepdim=True) / V.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-20))
 
 
@@ -101,26 +124,32 @@ def decay_rate(update, p, weight_decay, cautious):
     """weight_decay, zeroed where the update and the parameter disagree in sign when cautious.
 
     p moves by -lr * update, so update * p > 0 means the step already shrinks |p|: decay joins
-    it there, and never pushes a coordinate against a gradient that wants it to grow.
+    it there, and never pushes a coordinate against a gradient that wants it to grow. `>=` (the
+    reference since 6bb9240): a coordinate with a zero update, or p == 0, is decayed too.
     """
-    return weight_decay * ((update * p) > 0) if cautious else weight_decay
+    return weight_decay * ((update * p) >= 0) if cautious else weight_decay
 
 
 def muon_update(params, grads, momentum_buffer, second_moment, lr, weight_decay, momentum, beta2,
-                lr_scale, orth_dtype, cautious, normuon):
+                lr_scale, orth_dtype, cautious, normuon, use_muon_eq=False, use_muon_plus=False):
     """One Muon step on a stack of same-shape matrices `params` (k, rows, cols), in place.
 
     Tensors: lr, weight_decay, momentum, beta2 (0-D). Constants: lr_scale (max(1, rows/cols)^0.5),
-    orth_dtype, cautious, normuon (second_moment is unused when normuon is False).
+    orth_dtype, cautious, normuon (second_moment is unused when normuon is False), use_muon_eq,
+    use_muon_plus.
     """
     momentum_buffer.lerp_(grads.float(), 1 - momentum)
     nesterov = grads.float().lerp(momentum_buffer, momentum)
-    U = polar_express(nesterov, orth_dtype).float()
+    X = nesterov.to(orth_dtype)
+    if use_muon_eq:
+        X = muon_eq(X)
+    U = polar_express(X, orth_dtype).float()
+    if use_muon_plus:
+        U = muon_plus(U)
     if normuon:
         U = normuon_normalize(U, second_moment, beta2)
-    U = U * lr_scale
     p = params.float()
-    params.copy_(p - lr * (U + decay_rate(U, p, weight_decay, cautious) * p))
+    params.copy_(p - (lr * lr_scale) * (U + decay_rate(U, p, weight_decay, cautious) * p))
 
 
 def adamw_update(param, grad, exp_avg, exp_avg_sq, step, lr, weight_decay, beta1, beta2, eps, cautious):
@@ -150,7 +179,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     param_groups: dicts with "kind" ("muon" | "adamw"), "params", "lr", and optionally
       both:  weight_decay (0.0), cautious (True)
-      muon:  momentum (0.95), normuon (True), beta2 (0.95, NorMuon's EMA); all params one 2-D shape
+      muon:  momentum (0.95), normuon (True), beta2 (0.9, NorMuon's EMA; RECIPE R1, was 0.95),
+             muon_eq (False), muon_plus (False); all params one 2-D shape
       adamw: betas ((0.8, 0.95)), eps (1e-10)
     compiled: run the per-group update functions through torch.compile.
     orth_dtype: dtype of the Polar Express iterations (default: see the module docstring).
@@ -183,8 +213,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if len(shapes) != 1 or len(params[0].shape) != 2:
                 raise ValueError(f"a muon group holds 2-D matrices of one shape (they are stacked), got "
                                  f"shapes {sorted(shapes)}: make one group per shape")
-            group.update(momentum=as_tensor(group.get("momentum", 0.95)), beta2=as_tensor(group.get("beta2", 0.95)),
-                         normuon=bool(group.get("normuon", True)))
+            group.update(momentum=as_tensor(group.get("momentum", 0.95)), beta2=as_tensor(group.get("beta2", 0.9)),
+                         normuon=bool(group.get("normuon", True)), muon_eq=bool(group.get("muon_eq", False)),
+                         muon_plus=bool(group.get("muon_plus", False)))
         else:
             beta1, beta2 = group.pop("betas", (0.8, 0.95))
             group.update(beta1=as_tensor(group.get("beta1", beta1)), beta2=as_tensor(group.get("beta2", beta2)),
@@ -279,7 +310,7 @@ class MuonAdamW(torch.optim.Optimizer):
             work.wait()
         self._muon_update(stacked, grads, state["momentum_buffer"], state["second_moment"], group["lr"],
                           group["weight_decay"], group["momentum"], group["beta2"], max(1.0, rows / cols) ** 0.5,
-                          self.orth_dtype, group["cautious"], group["normuon"])
+                          self.orth_dtype, group["cautious"], group["normuon"], group["muon_eq"], group["muon_plus"])
         gathered, gather = stacked, None
         if W > 1:
             gathered = stacked.new_empty(W * chunk, rows, cols)
@@ -313,12 +344,15 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update_hparams(self, lr_multiplier, weight_decay_multiplier=1.0, muon_momentum=None):
-        """Sets each group's lr and weight_decay to initial * multiplier (and Muon's momentum), in place."""
+        """Sets each group's lr to initial * lr_multiplier, and each Muon group's weight_decay to
+        initial * weight_decay_multiplier and its momentum, in place. AdamW weight decay stays
+        constant (RECIPE: only Muon's decay has a schedule)."""
         for group in self.param_groups:
             group["lr"].fill_(group["initial_lr"] * lr_multiplier)
-            group["weight_decay"].fill_(group["initial_weight_decay"] * weight_decay_multiplier)
-            if group["kind"] == "muon" and muon_momentum is not None:
-                group["momentum"].fill_(muon_momentum)
+            if group["kind"] == "muon":
+                group["weight_decay"].fill_(group["initial_weight_decay"] * weight_decay_multiplier)
+                if muon_momentum is not None:
+                    group["momentum"].fill_(muon_momentum)
 
     # -- state ---------------------------------------------------------------------------
 

@@ -1,14 +1,16 @@
 """Scaling laws and schedules as pure functions (no torch): depth -> shape -> every hyperparameter.
 
-Sources (shared NOTES.md, "Model" and "Optimisation"):
+Sources (shared NOTES.md, "Model" and "Optimisation"; RECIPE.md for the record recipe):
 - width = depth * 64 rounded up to the head dim (128); heads = width / 128
-- compute-optimal horizon: ~10.5 tokens per Kaplan-style parameter (block matrices + lm_head)
-- batch (Power Lines): B_opt proportional to D^0.383 for D training tokens, anchored at d12
-  trained at the 10.5 ratio = 2^19 tokens; rounded to the nearest power of two
-- learning rates were tuned at B = 2^19 and scale with sqrt(B / 2^19)
-- weight decay proportional to 1/width^2, anchored at d12 (width 768) = 0.22
+- horizon: tokens = ratio x Kaplan-style parameters (block matrices + lm_head); default ratio 12
+  (RECIPE, was 10.5), the speedrun undertrains at 8
+- batch (Power Lines): B_opt proportional to D^0.383; at a fixed ratio D/D_ref = N/N_d12, so
+  B = 2^19 * (N / N_d12)^0.383 rounded to a power of two, the same for any ratio (2^20 at d24)
+- learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19)
+- Muon weight decay from the T_epoch rule: 0.28 * s_B * N_d12 / N (0.0597 at d24), faded to 0
+  along a cosine
 - LR: linear warmup (~40 steps), constant, linear warmdown over the last ~65% to 5% of peak
-- Muon momentum ramps 0.85 -> 0.97 over the first ~400 steps
+- Muon momentum ramps 0.85 -> 0.97 over the first 400 steps, then falls to 0.90 over the warmdown
 """
 
 import math
@@ -16,10 +18,10 @@ import math
 REF_DEPTH = 12
 REF_BATCH_TOKENS = 2**19
 BATCH_EXPONENT = 0.383
-REF_WIDTH = 768
-REF_WEIGHT_DECAY = 0.22
-DEFAULT_PARAM_DATA_RATIO = 10.5
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many leading channels (gpt.py imports it)
+REF_MUON_WEIGHT_DECAY = 0.28  # at d12, B = 2^19 (RECIPE R1: 0.28, was 0.2)
+DEFAULT_PARAM_DATA_RATIO = 12.0  # RECIPE 1cd94d7 (was 10.5)
+SPEEDRUN_PARAM_DATA_RATIO = 8.0  # RECIPE Run 6: the record undertrains to reach the CORE bar sooner
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many leading channels (gpt.py imports it; RECIPE R1: 12)
 
 
 def model_shape(depth, aspect_ratio=64, head_dim=128):
@@ -43,10 +45,12 @@ def training_tokens(num_scaling_params, param_data_ratio=DEFAULT_PARAM_DATA_RATI
     return int(param_data_ratio * num_scaling_params)
 
 
-def optimal_batch_tokens(train_tokens, vocab_size):
-    """B_opt = 2^19 * (D / D_ref)^0.383, rounded to the nearest power of two (in log space)."""
-    ref_tokens = training_tokens(scaling_params(REF_DEPTH, vocab_size))
-    batch = REF_BATCH_TOKENS * (train_tokens / ref_tokens) ** BATCH_EXPONENT
+def optimal_batch_tokens(num_scaling_params, vocab_size):
+    """B_opt = 2^19 * (N / N_d12)^0.383, rounded to the nearest power of two (in log space).
+
+    Power Lines' B ~ D^0.383 with D = ratio * N at the d12 anchor's ratio: the ratio cancels, so
+    a run at ratio 8 gets the same batch as one at 12 (RECIPE)."""
+    batch = REF_BATCH_TOKENS * (num_scaling_params / scaling_params(REF_DEPTH, vocab_size)) ** BATCH_EXPONENT
     return 2 ** round(math.log2(batch))
 
 
@@ -55,8 +59,14 @@ def lr_batch_scale(batch_tokens):
     return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
 
 
-def weight_decay_for_width(width):
-    return REF_WEIGHT_DECAY * (REF_WIDTH / width) ** 2
+def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size):
+    """Muon weight decay from the T_epoch rule: 0.28 * s_B * D_ref / D with D_ref / D = N_d12 / N.
+
+    Keeps the decay's timescale (in epochs of the data) fixed: bigger models see more tokens per
+    step count, so they decay less per step. 0.0597 at d24 (B = 2^20); 0.367 at d4 with vocab 4096
+    and B = 2048."""
+    n_ref = scaling_params(REF_DEPTH, vocab_size)
+    return REF_MUON_WEIGHT_DECAY * lr_batch_scale(batch_tokens) * n_ref / num_scaling_params
 
 
 def lr_multiplier(step, num_iterations, warmup_steps=40, warmdown_frac=0.65, final_lr_frac=0.05):
@@ -70,10 +80,20 @@ def lr_multiplier(step, num_iterations, warmup_steps=40, warmdown_frac=0.65, fin
     return min(1.0, warmup, warmdown)
 
 
-def muon_momentum(step, start=0.85, end=0.97, ramp_steps=400):
-    return start + (end - start) * min(1.0, step / ramp_steps)
+def muon_momentum(step, num_iterations=None, warmdown_frac=0.65, start=0.85, end=0.97, ramp_steps=400,
+                  final=0.90):
+    """Ramps start -> end over ramp_steps; over the LR warmdown (the last warmdown_frac of
+    num_iterations) it then falls linearly to `final` (RECIPE R2), i.e. less averaging as the LR
+    anneals. num_iterations=None: the ramp only."""
+    momentum = start + (end - start) * min(1.0, step / ramp_steps)
+    if num_iterations is None:
+        return momentum
+    warmdown_start = num_iterations * (1 - warmdown_frac)
+    progress = min(1.0, max(0.0, step - warmdown_start) / max(1e-9, num_iterations - warmdown_start))
+    return momentum + (final - momentum) * progress
 
 
 def weight_decay_multiplier(step, num_iterations):
-    """Weight decay fades linearly to zero over the run, so the final weights are not pulled to 0."""
-    return 1.0 - step / num_iterations
+    """Muon's weight decay fades to zero along a cosine, 1/2 (1 + cos(pi step / N)) (RECIPE R1; was
+    linear): full strength early, gone at the end so the final weights are not pulled to 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / num_iterations))

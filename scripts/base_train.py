@@ -77,9 +77,11 @@ def parse_args(argv=None):
     # optimizer
     p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
     p.add_argument("--embedding-lr", type=rate, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
-    p.add_argument("--unembedding-lr", type=rate, default=0.004, help="AdamW LR of the lm_head at batch 2^19")
+    p.add_argument("--unembedding-lr", type=rate, default=0.008, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
-    p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="cautious weight decay (-1: 0.22 * (768/width)^2)")
+    p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
+    p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
+    p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
     p.add_argument("--warmup-steps", type=number(int, low=0), default=40, help="linear LR warmup steps")
     p.add_argument("--warmdown-frac", type=number(float, low=0.0, high=1.0), default=0.65, help="fraction of training spent in linear warmdown")
     p.add_argument("--final-lr-frac", type=number(float, low=0.0, high=1.0), default=0.05, help="LR at the end as a fraction of peak")
@@ -99,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--text-column", default=TEXT_COLUMN, help="text column of every source that names none (SOURCE@COLUMN)")
     p.add_argument("--tokenizer-dir", default="", help="trained tokenizer (default: <base>/tokenizer; make it with scripts.tok_train)")
     p.add_argument("--save-every", type=every, default=-1, help="checkpoint every N steps (-1: only at the end; 0: never)")
+    p.add_argument("--dry-run", type=number(int, low=0), default=0, help="print the resolved hyperparameters of this run on N ranks "
+                   "(model on the meta device, no data, no training) and exit; 0: train")
     p.add_argument("--resume-from-step", default="", help="resume from this checkpoint step of --run-dir, or 'latest'")
     args = p.parse_args(argv)
     if args.fp8 and not args.compile:
@@ -134,7 +138,7 @@ def resolve_hyperparameters(args, model, world_size):
     n_scaling = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
     ratio_tokens = scaling.training_tokens(n_scaling, args.target_param_data_ratio)
-    total_batch = args.total_batch_size if args.total_batch_size > 0 else scaling.optimal_batch_tokens(ratio_tokens, model.config.vocab_size)
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else scaling.optimal_batch_tokens(n_scaling, model.config.vocab_size)
     if args.num_iterations > 0:
         num_iterations, horizon = args.num_iterations, "--num-iterations"
     elif args.target_flops > 0:
@@ -149,6 +153,9 @@ def resolve_hyperparameters(args, model, world_size):
                          "pick a total batch that is a multiple of it (or change --device-batch-size)")
     lr_scale = scaling.lr_batch_scale(total_batch)
     width = model.config.n_embd
+    # Muon's LR per matrix shape: x max(1, rows/cols)^0.5 inside the step (c_fc: x2)
+    muon_lrs = {f"{r}x{c}": args.matrix_lr * lr_scale * max(1.0, r / c) ** 0.5
+                for r, c in sorted({tuple(p.shape) for p in model.blocks.parameters()}, reverse=True)}
     return {
         "depth": model.config.n_layer, "width": width, "heads": model.config.n_head, "seq_len": model.config.sequence_len,
         "vocab_size": model.config.vocab_size, "params_total": sum(p.numel() for p in model.parameters()),
@@ -158,9 +165,14 @@ def resolve_hyperparameters(args, model, world_size):
         "training_tokens": num_iterations * total_batch, "tokens_per_param": num_iterations * total_batch / n_scaling,
         "training_flops": flops_per_token * num_iterations * total_batch,
         "lr_batch_scale": lr_scale,
-        "matrix_lr": args.matrix_lr * lr_scale, "embedding_lr": args.embedding_lr * lr_scale,
+        "matrix_lr": args.matrix_lr * lr_scale, **{f"muon_lr_{shape}": lr for shape, lr in muon_lrs.items()},
+        "embedding_lr": args.embedding_lr * lr_scale,
         "unembedding_lr": args.unembedding_lr * lr_scale, "scalar_lr": args.scalar_lr * lr_scale,
-        "weight_decay": args.weight_decay if args.weight_decay >= 0 else scaling.weight_decay_for_width(width),
+        # what the AdamW groups get after setup_optimizer's width scale (n/768)^-0.5 (RECIPE's d24 column)
+        "wte_lr_effective": args.embedding_lr * lr_scale * (width / 768) ** -0.5,
+        "lm_head_lr_effective": args.unembedding_lr * lr_scale * (width / 768) ** -0.5,
+        "weight_decay": (args.weight_decay if args.weight_decay >= 0
+                         else scaling.muon_weight_decay(n_scaling, total_batch, model.config.vocab_size)),
         "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
     }
 
@@ -203,7 +215,8 @@ def build_model(args, vocab_size, device):
 def build_optimizer(model, hp, args):
     return model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
                                  unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
-                                 weight_decay=hp["weight_decay"], compiled=bool(args.compile))
+                                 weight_decay=hp["weight_decay"], muon_eq=bool(args.muon_eq),
+                                 muon_plus=bool(args.muon_plus), compiled=bool(args.compile))
 
 
 def train_step(model, compiled, optimizer, scaler, batches, grad_accum):
@@ -338,8 +351,25 @@ def warm_up(compiled, model, optimizer, args, device, scaler):
 
 # -----------------------------------------------------------------------------
 
+def dry_run(args):
+    """--dry-run N: the resolved table for N ranks from a model built on the meta device (no memory,
+    no data); the vocab comes from the tokenizer when one is found, else the speedrun's 32768."""
+    try:
+        vocab_size, vocab_from = get_tokenizer(args.tokenizer_dir or None).vocab_size, "the tokenizer"
+    except (FileNotFoundError, OSError):
+        vocab_size, vocab_from = 32768, "no tokenizer found: the speedrun's default"
+    with torch.device("meta"):
+        model = GPT(build_config(args, vocab_size))
+    hp = resolve_hyperparameters(args, model, args.dry_run)
+    print(f"dry run: {args.dry_run} rank(s), vocab {vocab_size} ({vocab_from})")
+    print("resolved hyperparameters:\n" + format_table(hp))
+    return hp
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.dry_run > 0:
+        return dry_run(args)
     run_start = time.time()
     dist_info = init_dist(args.device_type or None)
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
@@ -478,7 +508,7 @@ def main(argv=None):
         # ---- one optimizer step -------------------------------------------------
         lrm = scaling.lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_frac, args.final_lr_frac)
         optimizer.update_hparams(lr_multiplier=lrm, weight_decay_multiplier=scaling.weight_decay_multiplier(step, num_iterations),
-                                 muon_momentum=scaling.muon_momentum(step))
+                                 muon_momentum=scaling.muon_momentum(step, num_iterations, args.warmdown_frac))
         synchronize(device)
         t0 = time.perf_counter()
         train_loss, data_wait_s, optim_s, found_inf, crop = train_step(model, compiled, optimizer, scaler, loader, grad_accum)

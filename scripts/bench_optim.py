@@ -126,7 +126,7 @@ def train_once(args, normuon, seed, train_tokens, val_tokens):
 
 def bench_normuon(args):
     if args.weight_decay < 0:
-        args.weight_decay = scaling.weight_decay_for_width(GPTConfig.from_depth(args.depth).n_embd)
+        args.weight_decay = scaling.muon_weight_decay(scaling.scaling_params(args.depth, 256), args.batch_size * args.seq_len, 256)
     shards = sorted(find_corpus().glob("*.parquet"))
     train_tokens = corpus_bytes(shards[0], args.train_bytes)
     val_tokens = corpus_bytes(shards[-1], args.train_bytes // 10)

@@ -19,9 +19,11 @@ MICRO_STEPS = 2      # gradient accumulation on every rank, as in the training l
 SEQ_LEN = 32
 
 
-def build_model():
-    config = GPTConfig.from_depth(2, vocab_size=256, sequence_len=SEQ_LEN, head_dim=32)
-    model = GPT.build(config, "cpu", seed=0, compute_dtype=torch.float32)
+def build_model(compute_dtype=torch.float32):
+    # depth 3, not 2: at depth 2 backout's mid-depth block (L//2) is the last one, and x - lambda_b * x
+    # is invariant under the final RMSNorm, so lambda_b's gradient would be pure rounding noise
+    config = GPTConfig.from_depth(3, vocab_size=256, sequence_len=SEQ_LEN, head_dim=32)
+    model = GPT.build(config, "cpu", seed=0, compute_dtype=compute_dtype)
     # init zeroes the output projections, which makes the scalars' gradients pure rounding noise
     # (~1e-10) at step 0, and Adam (eps 1e-10) turns noise into full-size steps of random sign:
     # no two summation orders would agree. Small random projections give every gradient signal.

@@ -230,3 +230,17 @@ def test_data_signature_follows_the_val_loader(monkeypatch, tmp_path, tokenizer_
         assert val.packer == packer and val.read_one_pass
         signatures[packer] = json.load(open(run_dir / "run.json"))["data_signature"]["packing"]
     assert signatures == {"greedy": "greedy-one-pass", "best_fit": "best_fit-one-pass"}
+
+
+def test_dry_run_prints_the_d24_record_table(tmp_path):
+    """--dry-run 8 at the speedrun's flags: RECIPE's d24 numbers, from a meta-device model, no tokenizer or data."""
+    out = run(["--depth", "24", "--target-param-data-ratio", "8", "--device-batch-size", "16", "--dry-run", "8"],
+              tmp_path / "empty_base")
+    assert "no tokenizer found" in out.stdout
+    table = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.startswith("  "))
+    assert table["params_scaling"] == "729,810,624" and table["total_batch_tokens"] == "1,048,576"
+    assert table["num_iterations"] == "5568" and table["grad_accum_steps"] == "4"
+    assert table["matrix_lr"] == "0.02828" and table["muon_lr_6144x1536"] == "0.05657"
+    assert table["weight_decay"] == "0.05974"
+    assert table["wte_lr_effective"] == "0.3" and table["lm_head_lr_effective"] == "0.008"
+    assert not (tmp_path / "empty_base").exists() or not any((tmp_path / "empty_base").iterdir())

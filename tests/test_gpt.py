@@ -52,10 +52,10 @@ def test_value_embeds_alternate_and_include_last():
 def test_counts_and_flops_by_hand():
     model = build(small_config())  # d2, width 128, 2 heads of 64, vocab 500 -> 512, windows [16, 64]
     per_block = 4 * 128 * 128 + 2 * 128 * 512
-    ve_gate = 32 * 2  # only the last layer has a value embedding (and its gate)
+    ve_gate = 12 * 2  # only the last layer has a value embedding (and its gate)
     counts = model.num_params_by_kind()
     assert counts == {"wte": 512 * 128, "value_embeds": 512 * 128, "matrices": 2 * per_block + ve_gate,
-                      "lm_head": 512 * 128, "scalars": 4}
+                      "lm_head": 512 * 128, "scalars": 2 + 2 + 24 + 1 + 1}  # lambdas, smear gate, smear, backout
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
     assert model.num_scaling_params() == 2 * per_block + ve_gate + 512 * 128
     assert model.estimate_flops() == 6 * (2 * per_block + ve_gate + 512 * 128) + 12 * 2 * 64 * (16 + 64)
@@ -206,3 +206,71 @@ def test_generate_greedy_is_deterministic():
     a = list(model.generate([1, 2, 3], 8))
     b = list(model.generate([1, 2, 3], 8))
     assert a == b and len(a) == 8 and all(0 <= t < 500 for t in a)
+
+
+# -----------------------------------------------------------------------------
+# the record recipe's architecture pieces (shared RECIPE.md) and the explicit init
+
+def test_short_window_is_a_quarter_rounded_up_to_128():
+    """RECIPE: S = -(-T//4 // 128) * 128: 512 at T=2048 (SSSL, last layer long)."""
+    cfg = GPTConfig.from_depth(24, sequence_len=2048)
+    sizes = cfg.window_sizes()
+    assert sizes[:4] == [512, 512, 512, 2048] and sizes[-1] == 2048
+    assert [i for i, w in enumerate(sizes) if w == 2048] == [3, 7, 11, 15, 19, 23]
+    assert GPTConfig.from_depth(4, sequence_len=256).window_sizes() == [128, 128, 128, 256]
+
+
+def test_smear_adds_gated_previous_embedding():
+    model = build(small_config())
+    e = torch.randn(2, 10, 128)
+    with torch.no_grad():
+        assert torch.equal(model.smear(e), e)  # lambda_s = 0 at init: smear starts off
+        model.smear_lambda.fill_(0.7)
+        out = model.smear(e)
+    gate = 0.7 * torch.sigmoid(e[:, 1:, :gpt.SMEAR_CHANNELS] @ model.smear_gate.weight.t())
+    assert torch.equal(out[:, 0], e[:, 0])
+    torch.testing.assert_close(out[:, 1:], e[:, 1:] + gate * e[:, :-1])
+
+
+def test_backout_subtracts_the_mid_depth_residual():
+    model = build(GPTConfig.from_depth(4, vocab_size=500, sequence_len=32, head_dim=64))
+    perturb_weights(model)
+    outputs = {}
+    for i in (2, 3):  # L // 2 = 2 is cached, 3 is the last block
+        model.blocks[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
+    idx = torch.randint(0, 500, (2, 32))
+    with torch.no_grad():
+        model.backout_lambda.fill_(0.3)
+        hidden = model.hidden_states(idx)
+    expected = torch.nn.functional.rms_norm(outputs[3] - 0.3 * outputs[2], (outputs[3].size(-1),))
+    torch.testing.assert_close(hidden, expected)
+
+
+def test_init_weights_writes_every_parameter_and_buffer():
+    """GPT.build materialises uninitialised memory; init_weights must overwrite all of it (RECIPE: the
+    reference's record left smear/backout uninitialised). Fill everything with NaN first: nothing may stay NaN."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(4, vocab_size=500, sequence_len=32, head_dim=64))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.fill_(float("nan"))
+    torch.manual_seed(0)
+    model.init_weights()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert not t.isnan().any(), f"{name} is not written by init_weights"
+
+
+def test_init_follows_the_record_recipe():
+    """RECIPE "Initialization": wte N(0, 0.8^2), c_fc at 0.4x the uniform bound, per-layer lambda schedules,
+    gates U(0, 0.02), smear off, backout 0.2."""
+    model = build(GPTConfig.from_depth(5, vocab_size=4096, sequence_len=32, head_dim=64))
+    bound = (3 / 320) ** 0.5
+    assert abs(model.wte.weight.std().item() - 0.8) < 0.01
+    c_fc = model.blocks[0].mlp.c_fc.weight
+    assert 0.39 * bound < c_fc.abs().max() <= 0.4 * bound
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor([1.15, 1.125, 1.10, 1.075, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.1625, 0.125, 0.0875, 0.05]))
+    for gate in [model.smear_gate.weight] + [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]:
+        assert gate.min() >= 0 and 0.015 < gate.max() <= 0.02
+    assert model.smear_lambda.item() == 0.0 and model.backout_lambda.item() == pytest.approx(0.2)

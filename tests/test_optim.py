@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.optim import MuonAdamW, normuon_normalize
+from nanochat.optim import MuonAdamW, muon_eq, muon_plus, normuon_normalize
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_optim_worker  # noqa: E402
@@ -87,11 +87,12 @@ def with_spectrum(rows, cols, singular_values, generator):
 BANDS = {torch.float32: (0.84, 1.15), torch.bfloat16: (0.83, 1.16)}
 
 
-def one_muon_update(grads, orth_dtype, normuon):
+def one_muon_update(grads, orth_dtype, normuon, muon_eq=False, muon_plus=False):
     """-(p after one step from p = 0) / lr_scale, with lr 1, momentum 0, no decay: the raw update."""
     rows, cols = grads[0].shape
     params = [torch.zeros(rows, cols, requires_grad=True) for _ in grads]
-    opt = MuonAdamW([muon_group(params, lr=1.0, momentum=0.0, weight_decay=0.0, normuon=normuon)],
+    opt = MuonAdamW([muon_group(params, lr=1.0, momentum=0.0, weight_decay=0.0, normuon=normuon,
+                                muon_eq=muon_eq, muon_plus=muon_plus)],
                     compiled=False, orth_dtype=orth_dtype)
     for p, grad in zip(params, grads):
         p.grad = grad
@@ -144,6 +145,27 @@ def test_normuon_equalises_rows_and_keeps_norm():
     torch.testing.assert_close(row_rms, row_rms.mean(-1, keepdim=True).expand_as(row_rms))
 
 
+def test_muon_eq_equalises_row_norms_and_keeps_frobenius_norm():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 48, 16, generator=g) * torch.linspace(0.1, 5.0, 48)[:, None]
+    Y = muon_eq(X)
+    torch.testing.assert_close(Y.norm(dim=-1), (X.norm(dim=(-2, -1)) / 48 ** 0.5)[:, None].expand(2, 48))
+    torch.testing.assert_close(Y.norm(dim=(-2, -1)), X.norm(dim=(-2, -1)))
+    assert torch.equal(muon_eq(torch.zeros(1, 4, 3)), torch.zeros(1, 4, 3))  # zero padding stays zero
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_muon_plus_sets_the_semi_orthogonal_norm(shape):
+    grads = gradient_like(shape, torch.Generator().manual_seed(0))
+    U = torch.stack(one_muon_update(grads, torch.float32, normuon=False))
+    torch.testing.assert_close(muon_plus(U).norm(dim=(-2, -1)), torch.full((len(grads),), min(shape) ** 0.5))
+    for eq, plus in ((True, False), (False, True), (True, True)):  # the switches reach the step
+        switched = one_muon_update(grads, torch.float32, normuon=False, muon_eq=eq, muon_plus=plus)
+        assert not torch.allclose(torch.stack(switched), U)
+        if plus:
+            torch.testing.assert_close(torch.stack(switched).norm(dim=(-2, -1)), torch.full((len(grads),), min(shape) ** 0.5))
+
+
 # -----------------------------------------------------------------------------
 # cautious weight decay
 
@@ -164,14 +186,23 @@ def test_cautious_decay_only_where_signs_agree(kind):
         results[wd, cautious] = p.detach()
     plain = results[0.0, True]
     update = init - plain          # the step without decay: p moves by -update
-    agree = (update * init) > 0
+    agree = (update * init) >= 0
     assert 0.2 < agree.float().mean() < 0.8  # both kinds of coordinate are present
     cautious = results[0.5, True]
     assert torch.equal(cautious[~agree], plain[~agree])  # untouched where signs disagree
     decay = plain - cautious
-    torch.testing.assert_close(decay[agree], lr * 0.5 * init[agree], rtol=1e-4, atol=1e-6)
+    # Muon's lr includes the shape factor max(1, rows/cols)^0.5, for the decay too (RECIPE)
+    lr_eff = lr * (1.5 ** 0.5 if kind == "muon" else 1.0)
+    torch.testing.assert_close(decay[agree], lr_eff * 0.5 * init[agree], rtol=1e-4, atol=1e-6)
     everywhere = plain - results[0.5, False]  # not cautious: every coordinate decays
-    torch.testing.assert_close(everywhere, lr * 0.5 * init, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(everywhere, lr_eff * 0.5 * init, rtol=1e-4, atol=1e-6)
+
+
+def test_cautious_mask_decays_where_the_update_is_zero():
+    """RECIPE: mask = (u * p >= 0): a coordinate whose update is exactly 0 is still decayed."""
+    from nanochat.optim import decay_rate
+    update, p = torch.tensor([0.0, 1.0, -1.0, 1.0]), torch.tensor([2.0, 2.0, 2.0, 0.0])
+    assert decay_rate(update, p, torch.tensor(0.1), cautious=True).tolist() == pytest.approx([0.1, 0.1, 0.0, 0.1])
 
 
 # -----------------------------------------------------------------------------
@@ -237,8 +268,11 @@ def train_steps(model, optimizer, steps, first_step, seed=0):
         model.zero_grad(set_to_none=True)
 
 
-def test_state_dict_resume_is_bit_identical():
-    model = dist_optim_worker.build_model()
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_is_bit_identical(compute_dtype):
+    """Also with bf16 compute, where wte and the value embeddings are stored in bf16 (AdamW state fp32)."""
+    model = dist_optim_worker.build_model(compute_dtype)
+    assert model.wte.weight.dtype == compute_dtype and model.lm_head.weight.dtype == torch.float32
     optimizer = model.setup_optimizer(weight_decay=0.1, compiled=False)
     train_steps(model, optimizer, 3, first_step=0)
     buffer = io.BytesIO()
@@ -247,7 +281,7 @@ def test_state_dict_resume_is_bit_identical():
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed = dist_optim_worker.build_model()
+    resumed = dist_optim_worker.build_model(compute_dtype)
     torch.manual_seed(123)
     resumed.init_weights()  # different weights, so the load has to do the work
     resumed.load_state_dict(saved["model"])
@@ -300,7 +334,7 @@ def test_two_ranks_match_one_process(tmp_path):
 
     model, _, losses = dist_optim_worker.train()
     assert losses[-1] < 0.8 * losses[0]  # it trained
-    assert ranks[0]["wte_state_shape"] == [128, 128]  # AdamW state is sharded: half of wte's 256 rows
+    assert ranks[0]["wte_state_shape"] == [128, 192]  # AdamW state is sharded: half of wte's 256 rows
     for name, p in model.named_parameters():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"ranks differ on {name}"
         # Muon matrices agree to a few fp32 ulps (measured max 1.4e-7). The embeddings take Adam
@@ -308,3 +342,26 @@ def test_two_ranks_match_one_process(tmp_path):
         # summation-order noise: measured max 7e-5, i.e. 1e-4 of one step
         tol = dict(rtol=1e-5, atol=1e-6) if name.startswith("blocks.") else dict(rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ranks[0]["params"][name], p.detach(), **tol, msg=name)
+
+
+def test_setup_optimizer_follows_the_recipe_table():
+    """RECIPE "AdamW groups": LR, betas, eps 1e-10 and constant plain decoupled WD per group; Muon: NorMuon beta2 0.9."""
+    model = GPT(GPTConfig.from_depth(2, vocab_size=256, sequence_len=32, head_dim=32))
+    optimizer = model.setup_optimizer(compiled=False)
+    s = (128 / 768) ** -0.5
+    expected = {  # first parameter -> (lr, beta1, beta2, wd)
+        model.lm_head.weight: (0.008 * s, 0.8, 0.96, 0.01), model.wte.weight: (0.3 * s, 0.8, 0.995, 0.001),
+        model.value_embeds["1"].weight: (0.15 * s, 0.8, 0.995, 0.01), model.resid_lambdas: (0.005, 0.8, 0.95, 0.05),
+        model.x0_lambdas: (0.5, 0.96, 0.95, 0.0), model.smear_gate.weight: (0.2, 0.8, 0.95, 0.0)}
+    adamw = [g for g in optimizer.param_groups if g["kind"] == "adamw"]
+    assert len(adamw) == len(expected)
+    for g in adamw:
+        lr, beta1, beta2, wd = expected[g["params"][0]]
+        got = (g["lr"].item(), g["beta1"].item(), g["beta2"].item(), g["weight_decay"].item())
+        assert got == pytest.approx((lr, beta1, beta2, wd), rel=1e-6), g["params"][0].shape
+        assert g["eps"].item() == pytest.approx(1e-10) and not g["cautious"]
+    for g in optimizer.param_groups:
+        if g["kind"] == "muon":
+            assert g["beta2"].item() == pytest.approx(0.9) and g["muon_eq"] and g["muon_plus"] and g["cautious"]
+    optimizer.update_hparams(lr_multiplier=0.5, weight_decay_multiplier=0.0)  # only Muon's decay is scheduled
+    assert all(g["weight_decay"].item() == pytest.approx(expected[g["params"][0]][3]) for g in adamw)

@@ -23,9 +23,8 @@ def test_widths(depth, width):
 
 @pytest.mark.parametrize("depth,batch", [(8, 2**18), (12, 2**19), (14, 2**19), (16, 2**19), (18, 2**20), (20, 2**20), (24, 2**20), (26, 2**20)])
 def test_batch_table(depth, batch):
-    """NOTES: d8 -> 2^18, d12-16 -> 2^19, d18-26 -> 2^20 at the compute-optimal horizon."""
-    tokens = scaling.training_tokens(scaling.scaling_params(depth, 32768))
-    assert scaling.optimal_batch_tokens(tokens, 32768) == batch
+    """NOTES: d8 -> 2^18, d12-16 -> 2^19, d18-26 -> 2^20; RECIPE: the same at any ratio (N/N_d12 only)."""
+    assert scaling.optimal_batch_tokens(scaling.scaling_params(depth, 32768), 32768) == batch
 
 
 def test_batch_exponent():
@@ -33,14 +32,22 @@ def test_batch_exponent():
     assert 10 ** scaling.BATCH_EXPONENT == pytest.approx(2.4, abs=0.05)
 
 
-@pytest.mark.parametrize("depth,measured", [(8, 0.40), (12, 0.22), (16, 0.10), (20, 0.08)])
-def test_weight_decay_table(depth, measured):
-    """The 1/width^2 law is exact at the d12 anchor and lands within 25% of the swept optima elsewhere."""
-    width, _ = scaling.model_shape(depth)
-    wd = scaling.weight_decay_for_width(width)
-    assert wd == pytest.approx(measured, rel=0.25)
-    if depth == 12:
-        assert wd == 0.22
+def test_d24_record_numbers():
+    """RECIPE "Data, batch size and horizon" and "Muon WD size": d24 at the speedrun's ratio 8."""
+    n = scaling.scaling_params(24, 32768)
+    assert round(n / 1e5) == 7298 and round(scaling.scaling_params(12, 32768) / 1e5) == 1101  # 729.8M, 110.1M
+    batch = scaling.optimal_batch_tokens(n, 32768)
+    assert batch == 2**20
+    assert round(scaling.training_tokens(n, scaling.SPEEDRUN_PARAM_DATA_RATIO) / batch) == 5568
+    assert scaling.muon_weight_decay(n, batch, 32768) == pytest.approx(0.0597, abs=5e-5)
+    assert scaling.DEFAULT_PARAM_DATA_RATIO == 12
+
+
+def test_muon_weight_decay_at_the_anchor_and_at_d4():
+    n12 = scaling.scaling_params(12, 32768)
+    assert scaling.muon_weight_decay(n12, 2**19, 32768) == pytest.approx(0.28)
+    # the issue's d4 figure for the reference: vocab 4096, B = 2048 -> 0.367
+    assert scaling.muon_weight_decay(scaling.scaling_params(4, 4096), 2048, 4096) == pytest.approx(0.367, abs=1e-3)
 
 
 def test_lr_batch_scale():
@@ -70,8 +77,16 @@ def test_momentum_and_wd_schedules():
     assert scaling.muon_momentum(0) == 0.85
     assert scaling.muon_momentum(200) == pytest.approx(0.91)
     assert scaling.muon_momentum(10_000) == 0.97
+    # RECIPE d24: N = 5568, warmdown from step 1949 (0.65 N): 0.97 until then, 0.90 at the end
+    n = 5568
+    assert scaling.muon_momentum(1948, n) == 0.97
+    assert scaling.muon_momentum(n - 3619 // 2, n) == pytest.approx(0.935, abs=1e-3)
+    assert scaling.muon_momentum(n, n) == pytest.approx(0.90)
+    # Muon WD: a cosine from 1 to 0
     assert scaling.weight_decay_multiplier(0, 100) == 1.0
-    assert scaling.weight_decay_multiplier(50, 100) == 0.5
+    assert scaling.weight_decay_multiplier(50, 100) == pytest.approx(0.5)
+    assert scaling.weight_decay_multiplier(25, 100) == pytest.approx(0.5 * (1 + 2 ** -0.5))
+    assert scaling.weight_decay_multiplier(100, 100) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_scaling_does_not_import_torch():
@@ -80,4 +95,4 @@ def test_scaling_does_not_import_torch():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name and name.split(".")[0] == "torch" for name in imported)
-    assert math.isclose(scaling.training_tokens(100, 10.5), 1050)
+    assert math.isclose(scaling.training_tokens(100, 12), 1200)
