@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
     p.add_argument("--weight-decay", type=float, default=-1.0, help="cautious weight decay (-1: 0.22 * (768/width)^2)")
-    p.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
+    # 0, as the March reference: at d4 x 200 steps the old 40-step warmup cost 0.62 nats at step 50 (dev/LOG.md 2026-11-30)
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear LR warmup steps (0: full LR from the first step)")
     p.add_argument("--warmdown-frac", type=float, default=0.65, help="fraction of training spent in linear warmdown")
     p.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end as a fraction of peak")
     # systems
