@@ -9,7 +9,9 @@ Sources (shared NOTES.md, "Model" and "Optimisation"; RECIPE.md for the record r
 - learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19)
 - Muon weight decay from the T_epoch rule: 0.28 * s_B * N_d12 / N (0.0597 at d24), faded to 0
   along a cosine
-- LR: linear warmup (~40 steps), constant, linear warmdown over the last ~65% to 5% of peak
+- LR: constant from step 0 (no warmup by default), linear warmdown over the last ~65% to 5% of peak.
+  NOTES and the July reference warm up for ~40 steps; the March reference did not, and at d4 / 200 steps
+  the 40-step warmup alone was the whole of its 0.6-nat lead at step 50 (dev/LOG.md, 2026-11-30)
 - Muon momentum ramps 0.85 -> 0.97 over the first 400 steps, then falls to 0.90 over the warmdown
 """
 
@@ -69,8 +71,8 @@ def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size):
     return REF_MUON_WEIGHT_DECAY * lr_batch_scale(batch_tokens) * n_ref / num_scaling_params
 
 
-def lr_multiplier(step, num_iterations, warmup_steps=40, warmdown_frac=0.65, final_lr_frac=0.05):
-    """Warmup to 1, hold, then linear warmdown over the last warmdown_frac of training to final_lr_frac.
+def lr_multiplier(step, num_iterations, warmup_steps=0, warmdown_frac=0.65, final_lr_frac=0.05):
+    """Optional warmup to 1, hold, then linear warmdown over the last warmdown_frac of training to final_lr_frac.
     The two ramps are combined with min(), so a run too short for both (e.g. 50 steps with a
     40-step warmup) peaks where they cross instead of jumping down from 1 when warmup ends."""
     warmup = (step + 1) / warmup_steps if warmup_steps > 0 else 1.0
