@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes, load_file, save as save_safetensors_bytes
+from safetensors.torch import load as load_safetensors_bytes, save as save_safetensors_bytes
 
 from nanochat.common import across_ranks
 
