@@ -42,11 +42,11 @@ STATE_VERSION = 1
 class DocumentSource:
     """This rank's tokenized documents in a fixed order, forever (epochs wrap), from a resumable position."""
 
-    def __init__(self, files, tokenizer, rank, world_size, num_threads):
+    def __init__(self, files, tokenizer, rank, world_size, num_threads, data_seed=None):
         self.files = files
         self.tokenizer = tokenizer
         self.num_threads = num_threads
-        share = rank_row_groups(files, rank, world_size)
+        share = rank_row_groups(files, rank, world_size, data_seed)
         self.row_groups = [(fi, rg) for fi, rg, _ in share]
         self.num_documents = sum(rows for _, _, rows in share)  # per epoch
         self.epoch, self.index, self.row = 0, 0, 0  # next document: row `row` of self.row_groups[index]
@@ -163,13 +163,14 @@ PACKERS = {"best_fit": BestFitPacker, "greedy": GreedyPacker}
 class DataLoader:
     """Iterator of (inputs, targets), each (B, T) int64, packed best-fit and BOS-aligned, resumable exactly.
 
-    rank/world_size pick this rank's strided share of the row groups. device="cuda..." copies
+    rank/world_size pick this rank's strided share of the row groups; data_seed (None/0: file
+    order) permutes the row-group order first (dataset.permute_row_groups). device="cuda..." copies
     each batch through pinned memory with a non-blocking copy. prefetch_batches=0 produces
     batches in the caller's thread (no background thread).
     """
 
     def __init__(self, tokenizer, batch_size, seq_len, split="train", data_dir=None, rank=0, world_size=1,
-                 device="cpu", buffer_size=1000, packer="best_fit", prefetch_batches=4, num_threads=8):
+                 device="cpu", buffer_size=1000, packer="best_fit", prefetch_batches=4, num_threads=8, data_seed=None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if batch_size < 1 or seq_len < 1 or buffer_size < 1:
@@ -185,7 +186,7 @@ class DataLoader:
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda"
         self.prefetch_batches = prefetch_batches
-        self._source = DocumentSource(self.files, tokenizer, rank, world_size, num_threads)
+        self._source = DocumentSource(self.files, tokenizer, rank, world_size, num_threads, data_seed)
         # a buffer bigger than this rank's data would hold several copies of each document and
         # re-read the whole share per refill: cap it at one epoch (matters only for tiny data)
         self._buffer_docs = max(1, min(buffer_size, self._source.num_documents))
@@ -194,6 +195,7 @@ class DataLoader:
             "version": STATE_VERSION, "split": split, "files": [os.path.basename(f) for f in self.files],
             "batch_size": batch_size, "seq_len": seq_len, "buffer_size": buffer_size, "packer": packer,
             "rank": rank, "world_size": world_size, "tokenizer": tokenizer_signature(tokenizer),
+            "data_seed": data_seed or None,  # a position indexes the permuted order; None = file order (and older states)
         }
         self._state = self._snapshot()  # what the consumer has received so far: nothing
         self.last_stats = {}
