@@ -95,12 +95,13 @@ def fit_delta_trend(flops, mean_deltas, depths=None, model="log"):
 # -----------------------------------------------------------------------------
 # scaling law
 
-def fit_loss_surface(params, tokens, losses, exponents=np.linspace(0.05, 1.2, 116)):
+def fit_loss_surface(params, tokens, losses, lo=0.05, hi=1.2):
     """Fits L = E + A / N^alpha + B / D^beta; returns {E, A, B, alpha, beta, rms}.
 
-    Variable projection: for each (alpha, beta) on a grid the model is linear in (E, A, B), so
-    those come from least squares; the pair with the smallest residual wins. No optimiser to
-    diverge, and no dependency beyond numpy. Needs at least 6 runs (5 unknowns + 1).
+    Variable projection: for fixed (alpha, beta) the model is linear in (E, A, B), so those come
+    from least squares; (alpha, beta) is searched on a coarse grid over [lo, hi], then on a fine
+    grid around the best coarse pair. No optimiser to diverge, nothing beyond numpy. Needs at
+    least 6 runs (5 unknowns + 1). A and B must come out positive (loss falls with N and D).
     """
     n = np.asarray(params, dtype=float)
     d = np.asarray(tokens, dtype=float)
@@ -109,18 +110,24 @@ def fit_loss_surface(params, tokens, losses, exponents=np.linspace(0.05, 1.2, 11
         raise ValueError(f"a loss surface has 5 unknowns: give at least 6 runs (depths x ratios), got {len(y)}")
     # normalise so the columns are O(1) (keeps lstsq well conditioned at N ~ 1e9)
     n0, d0 = np.exp(np.log(n).mean()), np.exp(np.log(d).mean())
-    best = None
-    for alpha in exponents:
-        col_n = (n / n0) ** -alpha
-        for beta in exponents:
-            X = np.stack([np.ones_like(y), col_n, (d / d0) ** -beta], axis=1)
-            coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-            rss = float(((X @ coef - y) ** 2).sum())
-            if coef[1] > 0 and coef[2] > 0 and (best is None or rss < best[0]):
-                best = (rss, alpha, beta, coef)
+
+    def search(alphas, betas, best=None):
+        for alpha in alphas:
+            col_n = (n / n0) ** -alpha
+            for beta in betas:
+                X = np.stack([np.ones_like(y), col_n, (d / d0) ** -beta], axis=1)
+                coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+                rss = float(((X @ coef - y) ** 2).sum())
+                if coef[1] > 0 and coef[2] > 0 and (best is None or rss < best[0]):
+                    best = (rss, alpha, beta, coef)
+        return best
+
+    step = 0.05
+    best = search(np.arange(lo, hi + 1e-9, step), np.arange(lo, hi + 1e-9, step))
     if best is None:
         raise ValueError("no fit with positive A and B: the losses do not fall with both model size and data")
-    rss, alpha, beta, (e, a, b) = best
+    fine = lambda center: np.clip(np.arange(center - step, center + step + 1e-9, step / 10), lo, hi)
+    rss, alpha, beta, (e, a, b) = search(fine(best[1]), fine(best[2]), best)
     return {"E": float(e), "A": float(a * n0 ** alpha), "B": float(b * d0 ** beta), "alpha": float(alpha),
             "beta": float(beta), "rms": math.sqrt(rss / len(y))}
 

@@ -282,8 +282,7 @@ def execute(todo, base_flags, args, out_dir):
                 argv = launch_command(spec, base_flags, out_dir, args.wrap, args.nproc_per_node)
                 env_shown = {**slot, **spec.arm.env}
                 line = format_command(argv, env_shown)
-                n_done = len(todo) - len(queue) - len(running)
-                print(f"[{n_done}/{len(todo)} | {(time.time() - started) / 60:.1f}m] {line}", flush=True)
+                print(f"[run {len(todo) - len(queue)}/{len(todo)} | {(time.time() - started) / 60:.1f}m] {line}", flush=True)
                 commands_log.write(line + "\n")
                 commands_log.flush()
                 log = open(os.path.join(directory, "train.log"), "w")
@@ -623,8 +622,9 @@ def main(argv=None):
             print(f"estimate: {total_s / 60:.1f} min for {len(todo)} runs at {rate:.3g} FLOP/s per run ({source}), "
                   f"{args.overhead_s:g} s overhead per run, {parallel} in parallel")
             if args.dry_run:
-                for spec in todo:
-                    env = {**device_slots(args.devices, args.nproc_per_node)[0], **spec.arm.env}
+                slots = device_slots(args.devices, args.nproc_per_node)
+                for i, spec in enumerate(todo):
+                    env = {**slots[i % len(slots)], **spec.arm.env}  # the slot it would get if runs took equal time
                     print(format_command(launch_command(spec, base_flags, out_dir, args.wrap, args.nproc_per_node), env))
                 return None
             t0 = time.time()

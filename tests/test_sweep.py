@@ -197,11 +197,16 @@ if os.environ.get("FAKE_FAIL") and run_dir.endswith(os.environ["FAKE_FAIL"]):
     sys.exit(3)
 os.makedirs(run_dir, exist_ok=True)
 steps, flops = 20, 1e9 * depth ** 3
-json.dump({"hyperparameters": {"num_iterations": steps, "training_flops": flops * steps}, "data_signature": {}},
+ratio = float(flag("--target-param-data-ratio")) if "--target-param-data-ratio" in argv else 10.0
+params = 1e5 * depth ** 2
+final = 0.8 + 40 / params ** 0.34 + 120 / (ratio * params) ** 0.28  # a known loss surface for --scaling-law
+json.dump({"hyperparameters": {"num_iterations": steps, "training_flops": 6 * params * ratio * params,
+                               "params_scaling": params, "training_tokens": ratio * params}, "data_signature": {}},
           open(os.path.join(run_dir, "run.json"), "w"))
 with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
     for step in (0, 10, 20):
-        bpb = 1 + 10 / math.sqrt(step + 1) + float(os.environ.get("FAKE_OFFSET", "0")) / depth + 0.001 * seed
+        bpb = final + 10 / math.sqrt(step + 1) - 10 / math.sqrt(21)
+        bpb += float(os.environ.get("FAKE_OFFSET", "0")) / depth + 0.001 * seed
         f.write(json.dumps({"step": step, "total_training_flops": flops * step, "total_training_time": step * 0.1,
                             "val/bpb": bpb}) + "\n")
 '''
@@ -249,7 +254,8 @@ def test_dry_run_prints_commands_and_estimate_runs_nothing(tmp_path, tokenizer_d
     printed = capsys.readouterr().out
     commands = [line for line in printed.splitlines() if "scripts.base_train" in line]
     assert len(commands) == 2 and not (out / "runs").exists()
-    assert commands[1].startswith("CUDA_VISIBLE_DEVICES=0,1 NANOCHAT_DTYPE=bfloat16 ")
+    assert commands[0].startswith("CUDA_VISIBLE_DEVICES=0,1 ")  # 2 slots of 2 GPUs: one run each, in parallel
+    assert commands[1].startswith("CUDA_VISIBLE_DEVICES=2,3 NANOCHAT_DTYPE=bfloat16 ")
     assert "torch.distributed.run --standalone --nproc_per_node=2 -m scripts.base_train -- --depth 2" in commands[1]
     # the estimate is FLOPs / rate: base_train's own resolution of the horizon, at 1e9 FLOP/s, 2 slots in parallel
     flops, hp = sweep.run_flops(sweep.RunSpec(sweep.Arm("b"), 2, 1), ["--tokenizer-dir", tokenizer_dir, "--max-seq-len", "64",
@@ -269,3 +275,19 @@ def test_arm_parsing_and_device_slots():
     with pytest.raises(sweep.SweepError, match="multiple"):
         sweep.device_slots(["0", "1", "2"], 2)
     assert sweep.format_command(["python", "-m", "x", "a b"], {"K": "v w"}) == "K='v w' python -m x 'a b'"
+
+
+def test_scaling_law_mode_end_to_end(tmp_path, tokenizer_dir, capsys):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    out = tmp_path / "law"
+    text = sweep.main(["--out", str(out), "--scaling-law", "--depths", "2,4,8", "--ratios", "2,8,32", "--seeds", "1",
+                       "--flops-per-s", "1e12", "--wrap", f"{sys.executable} {fake}", "--",
+                       "--tokenizer-dir", tokenizer_dir, "--max-seq-len", "64", "--device-batch-size", "2"])
+    assert "--target-param-data-ratio 32" in capsys.readouterr().out
+    truth = {"E": 0.8, "A": 40.0, "B": 120.0, "alpha": 0.34, "beta": 0.28}
+    c_max = 6 * 32 * (1e5 * 64) ** 2
+    expected = stats.compute_optimal(truth, c_max)["ratio"]
+    line = next(line for line in text.splitlines() if line.startswith(f"compute-optimal at {c_max:.3g}"))
+    assert float(line.split("tokens:params ")[1].split(",")[0]) == pytest.approx(expected, rel=0.1)
+    assert "notes (Kaplan-style) 10.5" in text and (out / "sweep.png").exists()
