@@ -385,12 +385,13 @@ def plot_paired(reports, out_path):
     markers = {"step": "o", "total_training_time": "s", "total_training_flops": "^"}
     for ci, (change, baseline, rows, trends) in enumerate(reports):
         color = f"C{ci}"
-        for (x_key, _), trend, style in zip(AXES, trends, ("-", ":", "--")):
+        for (x_key, _), trend, style, nudge in zip(AXES, trends, ("-", ":", "--"), (0.92, 1.0, 1.08)):
             pts = [(r["flops"], r["stats"][x_key]) for r in rows if r["stats"][x_key]["mean"] is not None]
             if not pts:
                 continue
             xs = np.array([p[0] for p in pts])
-            ax_d.errorbar(xs, [p[1]["mean"] for p in pts], yerr=[p[1]["se"] or 0 for p in pts], color=color,
+            # nudged sideways so the three axes' points stay visible
+            ax_d.errorbar(xs * nudge, [p[1]["mean"] for p in pts], yerr=[p[1]["se"] or 0 for p in pts], color=color,
                           marker=markers[x_key], linestyle="none", capsize=3,
                           label=f"{change.name}: Δ@{x_key.removeprefix('total_training_')}")
             if trend["b"] is not None:
@@ -398,6 +399,11 @@ def plot_paired(reports, out_path):
                 grid = np.geomspace(xs.min() / 1.5, hi, 100)
                 to_x = stats.TREND_MODELS[trend["model"]][0]
                 ax_d.plot(grid, trend["a"] + trend["b"] * to_x(grid), color=color, linestyle=style, linewidth=1)
+                if x_key == "total_training_flops" and trend["zero_flops"] and trend["zero_flops"] <= hi:
+                    depth = "" if trend["zero_depth"] is None else f" (~d{trend['zero_depth']:.0f})"
+                    ax_d.plot([trend["zero_flops"]], [0], marker="x", color=color, markersize=10)
+                    ax_d.annotate(f"Δ@flops = 0 at {trend['zero_flops']:.2g}{depth}", (trend["zero_flops"], 0),
+                                  fontsize=8, color=color, ha="right", textcoords="offset points", xytext=(-6, -12))
         for arm, dash in ((baseline, "-"), (change, "--")):
             if ci and arm is baseline:
                 continue
@@ -408,7 +414,7 @@ def plot_paired(reports, out_path):
     ax_d.set_xscale("log")
     ax_d.set_xlabel("training FLOPs (per run)")
     ax_d.set_ylabel("Δ val bpb (change - baseline)")
-    ax_d.set_title("paired difference vs compute (mean ± SE over seeds; lines: least-squares trend)")
+    ax_d.set_title("paired Δ vs compute: mean ± SE over seeds; lines: least-squares trend")
     ax_d.legend(fontsize=8)
     ax_d.grid(alpha=0.3)
     ax_b.set_xscale("log")
