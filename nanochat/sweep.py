@@ -77,7 +77,7 @@ def fit_delta_trend(flops, mean_deltas, depths=None, model="log"):
     fitted_first = a + b * x[np.argmin(c)]  # at the ladder's smallest compute
     out["shrinking"] = bool(fitted_first * b * direction < 0)
     if b == 0 or not out["shrinking"]:
-        out["note"] = "the gain does not shrink with compute: no zero crossing ahead"
+        out["note"] = "|Δ| does not shrink with compute: no zero crossing ahead"
         return out
     x0 = -a / b
     if model == "inverse" and x0 <= 0:

@@ -353,12 +353,12 @@ def format_trend(trend, axis):
     unit = "per decade of FLOPs" if trend["model"] == "log" else "x 1/FLOPs"
     b_se = "" if trend["b_se"] is None else f" ± {trend['b_se']:.2g}"
     text = f"  Δ@{axis}: Δ = {trend['a']:+.4g} {trend['b']:+.4g}{b_se} {unit}; "
-    text += "gain shrinks with compute" if trend["shrinking"] else "does not shrink"
+    text += "|Δ| shrinks with compute" if trend["shrinking"] else ""
     if trend["zero_flops"] is not None:
         depth = "" if trend["zero_depth"] is None else f" (~d{trend['zero_depth']:.0f} on this ladder)"
         text += f"; predicted zero at {trend['zero_flops']:.3g} FLOPs{depth}"
     if trend["note"]:
-        text += f"; {trend['note']}"
+        text += ("; " if trend["shrinking"] else "") + trend["note"]
     return text
 
 

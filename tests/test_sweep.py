@@ -137,7 +137,7 @@ def test_report_writes_table_and_png(tmp_path, capsys):
     args, _ = sweep.parse_args(["--out", str(tmp_path), "--depths", "2,4,8,12", "--seeds", "3", "--report-only",
                                 "--baseline", "base:", "--change", "new: --warmdown-frac 0.5"])
     text = sweep.report(args, *ARMS[:1], ARMS[1:], str(tmp_path))
-    assert "new vs base" in text and "d12" in text and "gain shrinks with compute" in text
+    assert "new vs base" in text and "d12" in text and "|Δ| shrinks with compute" in text
     assert open(tmp_path / "sweep.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
