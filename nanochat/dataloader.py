@@ -106,13 +106,14 @@ class DataLoader:
 
     data: a `--data` spec string or a list of mixture.SourceSpec; without it, data_dir (or the
     default data directory) is the one source. rank/world_size pick this rank's strided share of
-    every source. device="cuda..." copies each batch through pinned memory with a non-blocking
+    every source; data_seed (None/0: file order) permutes the row-group order of parquet
+    sources first (dataset.permute_row_groups). device="cuda..." copies each batch through pinned memory with a non-blocking
     copy. prefetch_batches=0 produces batches in the caller's thread (no background thread).
     """
 
     def __init__(self, tokenizer, batch_size, seq_len, split="train", data_dir=None, rank=0, world_size=1,
                  device="cpu", buffer_size=1000, packer="best_fit", prefetch_batches=4, num_threads=8, data=None,
-                 text_column=TEXT_COLUMN, val_documents=VAL_DOCUMENTS):
+                 text_column=TEXT_COLUMN, val_documents=VAL_DOCUMENTS, data_seed=None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if batch_size < 1 or seq_len < 1 or buffer_size < 1:
@@ -131,7 +132,7 @@ class DataLoader:
         self._documents = []
         try:
             for source in self.sources:
-                self._documents.append(open_documents(source, split, tokenizer, rank, world_size, num_threads))
+                self._documents.append(open_documents(source, split, tokenizer, rank, world_size, num_threads, data_seed))
         except BaseException:
             self._close_documents()
             raise
@@ -143,6 +144,7 @@ class DataLoader:
             "files": [[os.path.basename(f) for f in getattr(d, "files", [])] for d in self._documents],
             "batch_size": batch_size, "seq_len": seq_len, "buffer_size": buffer_size, "packer": packer,
             "rank": rank, "world_size": world_size, "tokenizer": tokenizer_signature(tokenizer),
+            "data_seed": data_seed or None,  # a position indexes the permuted order; None = file order (and older states)
         }
         self._state = self._snapshot()  # what the consumer has received so far: nothing
         self.last_stats = {}

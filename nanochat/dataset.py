@@ -1,7 +1,8 @@
 """Pretraining text on disk: ClimbMix shards or any local directory of parquet files with a text column.
 
 Owns: where the data directory is, which file is validation (the last one, sorted by name),
-reading documents by row group with this rank's share of the row groups, and downloading
+reading documents by row group with this rank's share of the row groups (optionally in an
+order permuted by a data seed), and downloading
 ClimbMix shards from the Hugging Face Hub. It never tokenizes.
 
 ClimbMix (shared NOTES.md, "Data"): `karpathy/climbmix-400b-shuffle`, files
@@ -14,6 +15,7 @@ Every bad-input error names the file and what to do about it.
 """
 
 import os
+import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -92,9 +94,23 @@ def list_row_groups(files, column=TEXT_COLUMN):
     return row_groups
 
 
-def rank_row_groups(files, rank=0, world_size=1, column=TEXT_COLUMN):
-    """This rank's share: row groups strided by rank over all files, so ranks are disjoint and cover everything."""
-    row_groups = list_row_groups(files, column)
+def permute_row_groups(row_groups, seed=None):
+    """The row groups in an order fixed by `seed`; None or 0 keeps file order.
+
+    Why: one run sees its data in one order, and that order alone moves the final loss (the
+    reference's leaderboard spread); a sweep repeats a run under several seeds to measure it.
+    Permuted before the rank split, so every rank derives the same order and shares stay disjoint.
+    """
+    if not seed:
+        return list(row_groups)
+    permuted = list(row_groups)
+    random.Random(seed).shuffle(permuted)  # random.Random(int) is stable across Python versions and platforms
+    return permuted
+
+
+def rank_row_groups(files, rank=0, world_size=1, column=TEXT_COLUMN, data_seed=None):
+    """This rank's share: row groups (in `permute_row_groups` order) strided by rank, so ranks are disjoint and cover everything."""
+    row_groups = permute_row_groups(list_row_groups(files, column), data_seed)
     if len(row_groups) < world_size:
         raise DataError(f"{len(row_groups)} row group(s) in {', '.join(files)} cannot be shared by {world_size} ranks: "
                         "every rank needs at least one; use more files or smaller row groups")

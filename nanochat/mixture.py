@@ -386,11 +386,11 @@ class ParquetDocuments:
     same every time, so a position plus buffered coordinates is an exact resume point.
     """
 
-    def __init__(self, source, split, tokenizer, rank, world_size, num_threads):
+    def __init__(self, source, split, tokenizer, rank, world_size, num_threads, data_seed=None):
         train_files, val_files = split_files(list_parquet_files(source.location))
         self.source, self.files = source, (train_files if split == "train" else val_files)
         self.tokenizer, self.num_threads, self.column = tokenizer, num_threads, source.text_column
-        share = rank_row_groups(self.files, rank, world_size, self.column)
+        share = rank_row_groups(self.files, rank, world_size, self.column, data_seed)
         self.row_groups = [(fi, rg) for fi, rg, _ in share]
         self.num_documents = sum(rows for _, _, rows in share)  # per epoch
         self.epoch, self.index, self.row = 0, 0, 0  # next document: row `row` of self.row_groups[index]
@@ -452,10 +452,14 @@ class ParquetDocuments:
         return [tokens[tuple(c)] for c in coords]
 
 
-def open_documents(source, split, tokenizer, rank=0, world_size=1, num_threads=8):
-    """The document reader of one source for one split ("train" | "val") and rank."""
-    reader = ParquetDocuments if source.kind == "parquet_dir" else StreamDocuments
-    return reader(source, split, tokenizer, rank, world_size, num_threads)
+def open_documents(source, split, tokenizer, rank=0, world_size=1, num_threads=8, data_seed=None):
+    """The document reader of one source for one split ("train" | "val") and rank.
+
+    data_seed permutes a parquet directory's row groups; a `datasets` stream is read in its own
+    order whatever the seed (permuting it would mean reading it whole first)."""
+    if source.kind == "parquet_dir":
+        return ParquetDocuments(source, split, tokenizer, rank, world_size, num_threads, data_seed)
+    return StreamDocuments(source, split, tokenizer, rank, world_size, num_threads)
 
 
 # -----------------------------------------------------------------------------

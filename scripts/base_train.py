@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="", help="where log.jsonl, run.json and checkpoints go (default: <base>/runs/<run or d<depth>>)")
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--seed", type=number(int, low=0, high=2**63 - 1), default=42, help="seed for weight init")
+    p.add_argument("--data-seed", type=number(int, low=0), default=0, help="permute the train row-group order with this seed (0: file order)")
     # model
     p.add_argument("--depth", type=count, default=20, help="number of layers; sets every other model dimension")
     p.add_argument("--aspect-ratio", type=count, default=64, help="width = depth * aspect-ratio, rounded up to the head dim")
@@ -400,7 +401,7 @@ def main(argv=None):
     # state of the loop itself: everything a resume needs besides model, optimizer and loader
     loop = {"step": 0, "total_training_time": 0.0, "smooth_loss": 0.0, "min_val_bpb": float("inf")}
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", data=sources,
-                        rank=rank, world_size=world_size, device=device)
+                        rank=rank, world_size=world_size, device=device, data_seed=args.data_seed)
     if args.resume_from_step:
         step = resolve_step(checkpoint_root, args.resume_from_step)
         ckpt_dir = step_dir(checkpoint_root, step)
