@@ -38,6 +38,17 @@ def set_default_alloc_conf(environ=os.environ):
 set_default_alloc_conf()
 
 
+def cpu_has_native_bf16():
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles).
+
+    Without them torch emulates bf16 matmuls: 0.4 vs 21.7 GFLOP/s fp32 on a Zen 1 EPYC core
+    (dev/LOG.md), so bf16 there is a ~50x slowdown, not a speedup. With them bf16 ran 2.26x faster
+    than fp32 on the AVX-512 EPYC (the CPU preset's measurement)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, present since torch 2.3
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
 def _resolve_compute_dtype():
     """Returns (dtype, reason). Raises ValueError with the allowed values on a bad override."""
     override = os.environ.get("NANOCHAT_DTYPE")
@@ -49,6 +60,9 @@ def _resolve_compute_dtype():
             # measured on the 2-core dev box: fp16 matmul ~100x slower than fp32 on CPU
             raise ValueError("NANOCHAT_DTYPE=float16 is refused without CUDA: fp16 matmul on CPU is "
                              "~100x slower than fp32; use float32 or bfloat16")
+        if override == "bfloat16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+            return _DTYPES[override], ("NANOCHAT_DTYPE=bfloat16, but this CPU has no native bf16 (no AVX512-BF16 "
+                                       "or AMX): matmuls run ~50x slower than float32, use NANOCHAT_DTYPE=float32")
         return _DTYPES[override], f"NANOCHAT_DTYPE={override}"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()

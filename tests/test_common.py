@@ -65,3 +65,27 @@ def test_single_process_dist_info(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     info = init_dist("cpu")
     assert (info.rank, info.world_size, info.is_distributed, info.device.type) == (0, 1, False, "cpu")
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_cpu_has_native_bf16_reads_the_cpu_features(monkeypatch, avx512_bf16, amx, expected):
+    from nanochat.common import cpu_has_native_bf16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_has_native_bf16() is expected
+
+
+def test_cpu_has_native_bf16_is_false_on_a_torch_without_the_checks(monkeypatch):
+    from nanochat.common import cpu_has_native_bf16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert cpu_has_native_bf16() is False
+
+
+def test_emulated_bf16_on_cpu_says_so_in_the_dtype_reason():
+    # fresh process, features forced off: the reason printed by base_train/preflight names the slowdown
+    code = ("import torch; torch.cpu._is_avx512_bf16_supported = lambda: False; torch.cpu._is_amx_tile_supported = lambda: False\n"
+            "from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON; print(COMPUTE_DTYPE, '|', COMPUTE_DTYPE_REASON)")
+    result = run_python(code, "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("torch.bfloat16 |") and "no native bf16" in result.stdout and "float32" in result.stdout
