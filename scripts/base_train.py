@@ -412,7 +412,11 @@ def main(argv=None):
         load_model_weights(model, ckpt_dir)
         state = load_rank_state(ckpt_dir, rank, world_size)
         optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
+        try:
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:  # another --device-batch-size, --max-seq-len, --data or world size: say so, no traceback
+            raise CheckpointError(f"cannot resume from {ckpt_dir}: {e}; rerun with the flags it was saved with "
+                                  f"({os.path.join(run_dir, 'run.json')} lists them)") from None
         scaler.load_state_dict(state["scaler"])
         loop = meta["loop_state"]
         print0(f"resumed from {ckpt_dir} at step {loop['step']}")

@@ -139,6 +139,10 @@ def test_bad_checkpoints_fail_clearly_and_keep_the_good_one(tmp_path, tokenizer_
     # another shape
     out = run(common + ["--num-iterations", "4", "--depth", "3", "--resume-from-step", "2"], tmp_path, check=False)
     assert out.returncode != 0 and "--depth" in out.stderr and "Traceback" not in out.stderr
+    # another batch shape: the loader cannot resume exactly, and says which flag differs
+    out = run(common + ["--num-iterations", "4", "--device-batch-size", "2", "--resume-from-step", "2"], tmp_path, check=False)
+    assert out.returncode != 0 and "batch_size: saved 4, now 2" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     # a truncated checkpoint
     broken = tmp_path / "r" / "checkpoints" / "step_000003"
     shutil.copytree(good, broken)
