@@ -16,25 +16,12 @@ if REPO_ROOT not in sys.path:  # run as a torchrun worker script, not only under
 
 from nanochat.dataloader import BestFitPacker, DataLoader, validation_batches  # noqa: E402
 from nanochat.dataset import DataError  # noqa: E402
+from loader_helpers import assert_same_batches, check_two_rank_resume, take_batches  # noqa: E402
 
 
 def full_rows(x, y):
     """The packed (B, T+1) rows back from inputs and targets."""
     return torch.cat([x, y[:, -1:]], dim=1)
-
-
-def take_batches(loader, n):
-    batches = []
-    for _ in range(n):
-        x, y = next(loader)
-        batches.append((x.clone(), y.clone()))
-    return batches
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for i, ((xa, ya), (xb, yb)) in enumerate(zip(a, b)):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb), f"batch {i} differs"
 
 
 @pytest.fixture
@@ -240,34 +227,12 @@ def test_distributed_resume_under_torchrun(tokenizer_dir, corpus_dir, tmp_path):
 
 
 def _distributed_worker(tokenizer_dir, data_dir, out_dir):
-    import torch.distributed as dist
-
     from nanochat.common import cleanup_dist, init_dist
     from nanochat.tokenizer import Tokenizer
     info = init_dist("cpu")
     tokenizer = Tokenizer.load(tokenizer_dir)
     kwargs = dict(data_dir=data_dir, rank=info.rank, world_size=info.world_size, buffer_size=40)
-    loader = DataLoader(tokenizer, 4, 256, **kwargs)
-    take_batches(loader, 5)
-    state = loader.state_dict_all_ranks()
-    state_path = os.path.join(out_dir, "loader_state.json")
-    if info.rank == 0:
-        with open(state_path, "w") as f:
-            json.dump(state, f)
-    reference = take_batches(loader, 4)  # the same loader, uninterrupted
-    loader.close()
-    dist.barrier()
-    firsts = [None, None]
-    dist.all_gather_object(firsts, reference[0][0])
-    assert not torch.equal(firsts[0], firsts[1]), "ranks must read different data"
-    with open(state_path) as f:
-        saved = json.load(f)
-    resumed = DataLoader(tokenizer, 4, 256, **kwargs)
-    resumed.load_state_dict(saved)
-    assert_same_batches(take_batches(resumed, 4), reference)
-    resumed.close()
-    with open(os.path.join(out_dir, f"rank{info.rank}.ok"), "w") as f:
-        f.write("resumed exactly")
+    check_two_rank_resume(lambda: DataLoader(tokenizer, 4, 256, **kwargs), 5, 4, out_dir, info.rank)
     cleanup_dist()
 
 

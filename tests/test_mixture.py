@@ -16,21 +16,12 @@ if REPO_ROOT not in sys.path:  # run as a torchrun worker script, not only under
 
 from nanochat.dataloader import DataLoader  # noqa: E402
 from nanochat.dataset import DataError  # noqa: E402
+from loader_helpers import assert_same_batches, check_two_rank_resume, take_batches  # noqa: E402
 from nanochat.mixture import (check_sources, iter_mixture_texts, most_behind_source, parse_data_spec,  # noqa: E402
                               resolve_sources)
 
 VAL_DOCS = 20  # the jsonl source's validation slice in these tests
 WORDS = ["whale", "ship", "sea", "Ahab", "the", "of", "and", "harpoon", "storm", "deck"]
-
-
-def take_batches(loader, n):
-    return [tuple(t.clone() for t in next(loader)) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for i, ((xa, ya), (xb, yb)) in enumerate(zip(a, b)):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb), f"batch {i} differs"
 
 
 def write_jsonl(path, n_docs, column="content", seed=0):
@@ -352,35 +343,13 @@ def test_distributed_mixture_resume_under_torchrun(tokenizer_dir, halves, jsonl,
 
 
 def _distributed_worker(tokenizer_dir, spec, out_dir):
-    import torch.distributed as dist
-
     from nanochat.common import cleanup_dist, init_dist
     from nanochat.tokenizer import Tokenizer
     info = init_dist("cpu")
     tokenizer = Tokenizer.load(tokenizer_dir)
     kwargs = dict(data=parse_data_spec(spec, val_documents=VAL_DOCS), rank=info.rank, world_size=info.world_size,
                   buffer_size=12)
-    loader = DataLoader(tokenizer, 4, 48, **kwargs)
-    take_batches(loader, 6)
-    state = loader.state_dict_all_ranks()
-    state_path = os.path.join(out_dir, "loader_state.json")
-    if info.rank == 0:
-        with open(state_path, "w") as f:
-            json.dump(state, f)
-    reference = take_batches(loader, 5)  # the same loader, uninterrupted
-    loader.close()
-    dist.barrier()
-    firsts = [None, None]
-    dist.all_gather_object(firsts, reference[0][0])
-    assert not torch.equal(firsts[0], firsts[1]), "ranks must read different data"
-    with open(state_path) as f:
-        saved = json.load(f)
-    resumed = DataLoader(tokenizer, 4, 48, **kwargs)
-    resumed.load_state_dict(saved)
-    assert_same_batches(take_batches(resumed, 5), reference)
-    resumed.close()
-    with open(os.path.join(out_dir, f"rank{info.rank}.ok"), "w") as f:
-        f.write("resumed exactly")
+    check_two_rank_resume(lambda: DataLoader(tokenizer, 4, 48, **kwargs), 6, 5, out_dir, info.rank)
     cleanup_dist()
 
 
