@@ -61,6 +61,16 @@ def lr_batch_scale(batch_tokens):
     return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
 
 
+def gate_lr_scale(batch_tokens):
+    """The smear/backout group's LR factor: 1 from 2^19 tokens per step up, sqrt(B / 2^19) below.
+
+    RECIPE gives that group a fixed 0.2, "unscaled", tuned at the record's B = 2^20. At small batch
+    every other LR shrinks with sqrt(B / 2^19) while this one stayed at 0.2, 16x hotter relative to
+    the rest at B = 2048: d4, 120 steps, 3 seeds, the unscaled LR cost 0.09 val bpb, as much as the
+    whole architecture group gained (dev/LOG.md 2026-11-30). At B >= 2^19 it is the record's 0.2."""
+    return min(1.0, lr_batch_scale(batch_tokens))
+
+
 def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size):
     """Muon weight decay from the T_epoch rule: 0.28 * s_B * D_ref / D with D_ref / D = N_d12 / N.
 

@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--embedding-lr", type=rate, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
     p.add_argument("--unembedding-lr", type=rate, default=0.008, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
+    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x sqrt(B/2^19) below)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
@@ -170,6 +171,7 @@ def resolve_hyperparameters(args, model, world_size):
         "matrix_lr": args.matrix_lr * lr_scale, **{f"muon_lr_{shape}": lr for shape, lr in muon_lrs.items()},
         "embedding_lr": args.embedding_lr * lr_scale,
         "unembedding_lr": args.unembedding_lr * lr_scale, "scalar_lr": args.scalar_lr * lr_scale,
+        "gate_lr": args.gate_lr * scaling.gate_lr_scale(total_batch),
         # what the AdamW groups get after setup_optimizer's width scale (n/768)^-0.5 (RECIPE's d24 column)
         "wte_lr_effective": args.embedding_lr * lr_scale * (width / 768) ** -0.5,
         "lm_head_lr_effective": args.unembedding_lr * lr_scale * (width / 768) ** -0.5,
@@ -217,7 +219,7 @@ def build_model(args, vocab_size, device):
 def build_optimizer(model, hp, args):
     return model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
                                  unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
-                                 weight_decay=hp["weight_decay"], muon_eq=bool(args.muon_eq),
+                                 gate_lr=hp["gate_lr"], weight_decay=hp["weight_decay"], muon_eq=bool(args.muon_eq),
                                  muon_plus=bool(args.muon_plus), compiled=bool(args.compile))
 
 

@@ -245,6 +245,6 @@ def test_dry_run_prints_the_d24_record_table(tmp_path):
     assert table["params_scaling"] == "729,810,624" and table["total_batch_tokens"] == "1,048,576"
     assert table["num_iterations"] == "5568" and table["grad_accum_steps"] == "4"
     assert table["matrix_lr"] == "0.02828" and table["muon_lr_6144x1536"] == "0.05657"
-    assert table["weight_decay"] == "0.05974"
+    assert table["weight_decay"] == "0.05974" and table["gate_lr"] == "0.2"
     assert table["wte_lr_effective"] == "0.3" and table["lm_head_lr_effective"] == "0.008"
     assert not (tmp_path / "empty_base").exists() or not any((tmp_path / "empty_base").iterdir())

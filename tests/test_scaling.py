@@ -81,6 +81,24 @@ def test_default_lr_schedule_has_no_warmup():
     assert scaling.lr_multiplier(0, 200, warmup_steps=40) == 1 / 40
 
 
+def test_gate_lr_is_the_records_from_2_19_up_and_batch_scaled_below():
+    assert scaling.gate_lr_scale(2**20) == 1.0 and scaling.gate_lr_scale(2**19) == 1.0  # RECIPE: 0.2 unscaled
+    assert scaling.gate_lr_scale(2048) == scaling.lr_batch_scale(2048) == 0.0625  # like every other LR below
+
+
+def test_base_train_passes_the_scaled_gate_lr_to_its_group():
+    from scripts.base_train import build_optimizer, parse_args, resolve_hyperparameters
+    model = GPT(GPTConfig.from_depth(2, vocab_size=256, sequence_len=64, head_dim=32))
+    for batch, expected in ((2048, 0.2 * 0.0625), (2**20, 0.2)):
+        args = parse_args(["--total-batch-size", str(batch), "--device-batch-size", "32", "--max-seq-len", "64",
+                           "--num-iterations", "10", "--compile", "0"])
+        hp = resolve_hyperparameters(args, model, world_size=1)
+        assert hp["gate_lr"] == pytest.approx(expected)
+        groups = build_optimizer(model, hp, args).param_groups
+        [group] = [g for g in groups if any(p is model.backout_lambda for p in g["params"])]
+        assert group["lr"] == pytest.approx(expected)
+
+
 def test_base_train_defaults_to_no_warmup():
     from scripts.base_train import parse_args
     assert parse_args([]).warmup_steps == 0
