@@ -411,18 +411,24 @@ def plot_paired(reports, out_path):
             ax_b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=dash,
                       color="k" if arm is baseline else color, label=arm.name)
     ax_d.axhline(0, color="gray", linewidth=1)
-    ax_d.set_xscale("log")
-    ax_d.set_xlabel("training FLOPs (per run)")
-    ax_d.set_ylabel("Δ val bpb (change - baseline)")
-    ax_d.set_title("paired Δ vs compute: mean ± SE over seeds; lines: least-squares trend")
-    ax_d.legend(fontsize=8)
-    ax_d.grid(alpha=0.3)
-    ax_b.set_xscale("log")
-    ax_b.set_xlabel("training FLOPs (per run)")
-    ax_b.set_ylabel("final val bpb (mean over seeds)")
-    ax_b.set_title("final val bpb per arm")
-    ax_b.legend(fontsize=8)
-    ax_b.grid(alpha=0.3)
+    style_log_axes(ax_d, "training FLOPs (per run)", "Δ val bpb (change - baseline)",
+                   "paired Δ vs compute: mean ± SE over seeds; lines: least-squares trend")
+    style_log_axes(ax_b, "training FLOPs (per run)", "final val bpb (mean over seeds)", "final val bpb per arm")
+    save_figure(fig, out_path)
+
+
+def style_log_axes(ax, xlabel, ylabel, title):
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, out_path):
+    """Written to a temporary name and renamed: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     tmp = f"{out_path}.tmp{os.getpid()}"
     fig.savefig(tmp, format="png", dpi=100)
@@ -498,23 +504,9 @@ def plot_scaling(points, fit, out_path):
         ax_r.plot(cs, [stats.compute_optimal(fit, c)["ratio"] for c in cs], "k-", label="fitted compute-optimal ratio")
     for (name, ratio), style in zip(REFERENCE_RATIOS.items(), (":", "-.", "--")):
         ax_r.axhline(ratio, color="gray", linestyle=style, label=f"{name}: {ratio:g}")
-    ax_l.set_xscale("log")
-    ax_l.set_xlabel("training FLOPs")
-    ax_l.set_ylabel("final val bpb")
-    ax_l.set_title("val bpb vs FLOPs (labels: tokens:params ratio)")
-    ax_l.legend(fontsize=8)
-    ax_l.grid(alpha=0.3)
-    ax_r.set_xscale("log")
-    ax_r.set_xlabel("training FLOPs")
-    ax_r.set_ylabel("tokens per parameter")
-    ax_r.set_title("compute-optimal tokens:params ratio")
-    ax_r.legend(fontsize=8)
-    ax_r.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    style_log_axes(ax_l, "training FLOPs", "final val bpb", "val bpb vs FLOPs (labels: tokens:params ratio)")
+    style_log_axes(ax_r, "training FLOPs", "tokens per parameter", "compute-optimal tokens:params ratio")
+    save_figure(fig, out_path)
 
 
 def report(args, baseline, changes, out_dir):
