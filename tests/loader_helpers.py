@@ -3,8 +3,12 @@ the two-rank exact-resume check both run."""
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def take_batches(loader, n):
@@ -43,3 +47,15 @@ def check_two_rank_resume(make_loader, n_before, n_after, out_dir, rank):
     resumed.close()
     with open(os.path.join(out_dir, f"rank{rank}.ok"), "w") as f:
         f.write("resumed exactly")
+
+
+def run_two_rank_resume(worker_file, worker_args, out_dir):
+    """Runs worker_file's __main__ on two gloo ranks under torchrun; both must report an exact resume."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(worker_file), *worker_args, str(out_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):
+        with open(os.path.join(out_dir, f"rank{rank}.ok")) as f:
+            assert f.read() == "resumed exactly"

@@ -3,7 +3,6 @@
 import json
 import os
 import random
-import subprocess
 import sys
 
 import pyarrow as pa
@@ -16,7 +15,7 @@ if REPO_ROOT not in sys.path:  # run as a torchrun worker script, not only under
 
 from nanochat.dataloader import BestFitPacker, DataLoader, validation_batches  # noqa: E402
 from nanochat.dataset import DataError  # noqa: E402
-from loader_helpers import assert_same_batches, check_two_rank_resume, take_batches  # noqa: E402
+from loader_helpers import assert_same_batches, check_two_rank_resume, run_two_rank_resume, take_batches  # noqa: E402
 
 
 def full_rows(x, y):
@@ -217,13 +216,7 @@ def test_bad_data_surfaces_from_the_prefetch_thread(tokenizer, tmp_path, write_p
 
 def test_distributed_resume_under_torchrun(tokenizer_dir, corpus_dir, tmp_path):
     """Two gloo ranks: all-ranks state written by rank 0, resumed by both, equals the uninterrupted run."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), tokenizer_dir, corpus_dir, str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for rank in range(2):
-        assert (tmp_path / f"rank{rank}.ok").read_text() == "resumed exactly"
+    run_two_rank_resume(__file__, [tokenizer_dir, corpus_dir], tmp_path)
 
 
 def _distributed_worker(tokenizer_dir, data_dir, out_dir):

@@ -16,7 +16,7 @@ if REPO_ROOT not in sys.path:  # run as a torchrun worker script, not only under
 
 from nanochat.dataloader import DataLoader  # noqa: E402
 from nanochat.dataset import DataError  # noqa: E402
-from loader_helpers import assert_same_batches, check_two_rank_resume, take_batches  # noqa: E402
+from loader_helpers import assert_same_batches, check_two_rank_resume, run_two_rank_resume, take_batches  # noqa: E402
 from nanochat.mixture import (check_sources, iter_mixture_texts, most_behind_source, parse_data_spec,  # noqa: E402
                               resolve_sources)
 
@@ -333,13 +333,7 @@ def test_compare_runs_refuses_different_mixtures(tmp_path, tokenizer, halves):
 
 def test_distributed_mixture_resume_under_torchrun(tokenizer_dir, halves, jsonl, tmp_path):
     """Two gloo ranks on a parquet dir + a jsonl stream: all-ranks state written by rank 0, resumed exactly by both."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), tokenizer_dir, f"{halves[0]}:0.6,{jsonl}@content:0.4", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for rank in range(2):
-        assert (tmp_path / f"rank{rank}.ok").read_text() == "resumed exactly"
+    run_two_rank_resume(__file__, [tokenizer_dir, f"{halves[0]}:0.6,{jsonl}@content:0.4"], tmp_path)
 
 
 def _distributed_worker(tokenizer_dir, spec, out_dir):
