@@ -2,7 +2,8 @@
 # The whole pipeline: environment -> data -> tokenizer -> pretraining -> evaluation.
 #
 #   bash speedrun.sh                 # GPUs present: the GPT-2-grade reference run (8xH100 ~1.7 h)
-#                                    # no GPU: the offline CPU preset (bundled sample, <= 10 min on 2 cores)
+#                                    # no GPU: the offline CPU preset (bundled sample; 2 cores: ~3 min with
+#                                    # native bf16, ~18 min in fp32 on a Zen 1 EPYC, dev/LOG.md)
 #   bash speedrun.sh --preset cpu    # force the CPU preset
 #   WANDB_RUN=my-run bash speedrun.sh   # log to wandb (WANDB_MODE=offline works without network)
 #
