@@ -139,12 +139,37 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_two_ranks(tmp_path, tokenize
     assert "exiting now" not in out and "exitcode" not in out  # no worker killed by the duplicate, none failed
 
 
-def test_full_filesystem_fails_in_one_line_with_bytes_and_resume_command(tmp_path, tokenizer, tokenizer_dir, corpus_dir):
-    """A real small filesystem (tmpfs mounted in a user+mount namespace): two checkpoints fit, the third does not."""
-    if not shutil.which("unshare") or subprocess.run(
-            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path}"],
-            capture_output=True).returncode != 0:
-        pytest.skip("no unprivileged user+mount namespace here to mount a small tmpfs")
+# base_train under a byte quota on its run dir: shutil.disk_usage reports quota minus what the run dir
+# holds, so the free-space check sees a disk that fills as checkpoints land (no namespaces needed)
+QUOTA_RUNNER = """
+import os, runpy, shutil, sys
+quota, root = int(sys.argv[1]), sys.argv[2]
+def disk_usage(path):
+    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    return shutil._ntuple_diskusage(quota, used, max(0, quota - used))
+shutil.disk_usage = disk_usage
+sys.argv = ["scripts.base_train", *sys.argv[3:]]
+try:
+    runpy.run_module("scripts.base_train", run_name="__main__")
+finally:
+    print("left: " + " ".join(sorted(os.listdir(os.path.join(root, "checkpoints")))), file=sys.stderr)
+"""
+
+
+def has_user_namespaces(path):
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {path}"],
+        capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "quota"])
+def test_full_filesystem_fails_in_one_line_with_bytes_and_resume_command(disk, tmp_path, tokenizer, tokenizer_dir,
+                                                                        corpus_dir):
+    """Two checkpoints fit, the third does not. tmpfs: a real small filesystem mounted in a user+mount
+    namespace (skipped where those are not allowed); quota: the same run with the free space faked from
+    the run dir's size, so the path is tested on every machine."""
+    if disk == "tmpfs" and not has_user_namespaces(tmp_path):
+        pytest.skip("no unprivileged user+mount namespace here to mount a small tmpfs (the quota case still runs)")
     import torch
     from nanochat.checkpoint import checkpoint_bytes
     from scripts import base_train
@@ -155,12 +180,16 @@ def test_full_filesystem_fails_in_one_line_with_bytes_and_resume_command(tmp_pat
     need = checkpoint_bytes(model, {"optimizer": optimizer.state_dict()})
     run_dir = tmp_path / "small"
     run_dir.mkdir()
-    script = ('mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && "$@"; rc=$?; '
-              'echo "left: $(ls -A "$0/checkpoints" | tr "\\n" " ")" >&2; exit $rc')
-    out = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(run_dir),
-                          str(int(2.6 * need)), str(run_dir), sys.executable, "-m", "scripts.base_train", *args,
-                          "--run-dir", str(run_dir)], cwd=REPO, env=env_for(tmp_path, 1), capture_output=True,
-                         text=True, timeout=TIMEOUT_S)
+    size = str(int(2.6 * need))
+    if disk == "tmpfs":
+        script = ('mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && "$@"; rc=$?; '
+                  'echo "left: $(ls -A "$0/checkpoints" | tr "\\n" " ")" >&2; exit $rc')
+        command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(run_dir), size,
+                   str(run_dir), sys.executable, "-m", "scripts.base_train"]
+    else:
+        command = [sys.executable, "-c", QUOTA_RUNNER, size, str(run_dir)]
+    out = subprocess.run([*command, *args, "--run-dir", str(run_dir)], cwd=REPO, env=env_for(tmp_path, 1),
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
     assert "saved checkpoint" in out.stdout and "WARNING: a checkpoint needs" in out.stdout  # warned after step 2
     error, left = out.stderr.strip().splitlines()
