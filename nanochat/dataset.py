@@ -184,9 +184,9 @@ def download_shard(index, data_dir, max_attempts=5):
     """Downloads one shard to data_dir/shard_XXXXX.parquet; returns its path. Resumable, retried, atomic.
 
     huggingface_hub keeps a partial file under data_dir/.download and resumes it with an HTTP Range
-    request from the bytes it already wrote (also on our next attempt: test_download_resumes_a_dropped_
-    transfer_end_to_end cuts a transfer and checks the Range); the file is checked with pyarrow there
-    and only then renamed into place, so a *.parquet in data_dir is complete.
+    request from the bytes it already wrote, also on our next attempt (a cut transfer and its Range:
+    test_download_resumes_a_dropped_transfer_end_to_end). The file is checked with pyarrow there and
+    only then renamed into place, so a *.parquet in data_dir is complete.
     A shard or repo that does not exist is reported at once: retrying cannot fix it.
     """
     from huggingface_hub import hf_hub_download
