@@ -131,7 +131,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed else None
 
-    def forward(self, x, value_embed, cos, sin, window):
+    def forward(self, x, value_embed, cos, sin, window, kv_cache=None):
+        """kv_cache: an engine.LayerCache (cached decoding: x are the next tokens); None is the training path."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -143,7 +144,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_kv_head, self.head_dim)
         q = apply_rotary(rms_norm(q), cos, sin) * QK_SCALE
         k = apply_rotary(rms_norm(k), cos, sin) * QK_SCALE
-        y = attention(q, k, v, window)
+        y = attention(q, k, v, window) if kv_cache is None else kv_cache.attend(q, k, v)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -163,8 +164,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, has_value_embed)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, window):
-        x = x + self.attn(rms_norm(x), value_embed, cos, sin, window)
+    def forward(self, x, value_embed, cos, sin, window, kv_cache=None):
+        x = x + self.attn(rms_norm(x), value_embed, cos, sin, window, kv_cache)
         return x + self.mlp(rms_norm(x))
 
 
@@ -341,34 +342,55 @@ class GPT(nn.Module):
         self.backout_lambda.fill_(0.2)
         self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.head_dim, self.wte.weight.device)
 
-    def hidden_states(self, idx):
-        """Final normalised hidden states (B, T, C) in the compute dtype."""
+    def hidden_states(self, idx, cache=None):
+        """Final normalised hidden states (B, T, C) in the compute dtype.
+
+        cache: an engine.KVCache (cached decoding): idx are the next T tokens of every row, at the
+        positions and with the keys and last embedding the cache holds; it moves past them.
+        None: idx is a whole sequence from position 0 (training, evaluation).
+        """
         T = idx.size(1)
-        if T > self.config.sequence_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's sequence_len {self.config.sequence_len}")
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if cache is None:
+            if T > self.config.sequence_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's sequence_len {self.config.sequence_len}")
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            positions = cache.positions(T)  # (B, T): each row's own positions (rows are left-padded)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
         dtype = self.compute_dtype
-        x = self.smear(rms_norm(self.wte(idx).to(dtype)))
+        e = rms_norm(self.wte(idx).to(dtype))
+        x = self.smear(e) if cache is None else self.smear(e, cache.prev_embed, positions > 0)
         x0 = x  # taken after smearing: every layer's x0 mix carries the bigram signal too
         backout_layer, mid = self.config.n_layer // 2, None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i])
+            x = block(x, ve, cos, sin, self.window_sizes[i], None if cache is None else cache.layers[i])
             if i == backout_layer:
                 mid = x
+        if cache is not None:
+            cache.advance(T, e[:, -1:])
         # backout (RECIPE R2): subtract a learned share of the residual after block L//2, so the
         # head reads less of the mid-depth features the later blocks have already used
         return rms_norm(x - self.backout_lambda.to(dtype) * mid)
 
-    def smear(self, e):
+    def smear(self, e, prev=None, has_prev=None):
         """Smear (RECIPE R2): e_t += lambda_s * sigmoid(w . e_t[:24]) * e_{t-1} for t >= 1.
 
         A cheap bigram path: each position gets a gated share of the previous token's (un-smeared)
         embedding before the first block. No masking at document boundaries, as in the reference.
+        Cached decoding passes prev (B, 1, C), the embedding before e[:, 0], and has_prev (B, T),
+        False where a token has no predecessor (a row's first token, left padding).
         """
-        gate = self.smear_lambda.to(e.dtype) * torch.sigmoid(self.smear_gate(e[:, 1:, :SMEAR_CHANNELS]))
-        return torch.cat([e[:, :1], e[:, 1:] + gate * e[:, :-1]], dim=1)
+        if prev is None:
+            gate = self._smear_gate(e[:, 1:, :SMEAR_CHANNELS])
+            return torch.cat([e[:, :1], e[:, 1:] + gate * e[:, :-1]], dim=1)
+        e_prev = torch.cat([prev, e[:, :-1]], dim=1)
+        return torch.where(has_prev.unsqueeze(-1), e + self._smear_gate(e[..., :SMEAR_CHANNELS]) * e_prev, e)
+
+    def _smear_gate(self, channels):
+        """lambda_s * sigmoid(w . channels): the share of e_{t-1} each token gets, from its first 24 channels."""
+        return self.smear_lambda.to(channels.dtype) * torch.sigmoid(self.smear_gate(channels))
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         """Logits (B, T, vocab) in fp32 without targets; with targets (-1 = ignore) the loss.
@@ -410,27 +432,15 @@ class GPT(nn.Module):
 
     # -- sampling -----------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, tokens, max_new_tokens, temperature=0.0, top_k=None, seed=42):
+    def generate(self, tokens, max_new_tokens, temperature=0.0, top_k=None, seed=42, top_p=None, stop_token=None):
         """Yields new token ids after the prompt `tokens` (a list). temperature 0 is greedy.
 
-        Re-runs the whole (cropped) context per token: simple and fine for samples and CORE.
+        One row of nanochat.engine.stream (KV cache): stops after max_new_tokens or at stop_token
+        (e.g. the tokenizer's BOS), refuses prompt + max_new_tokens - 1 > sequence_len.
         """
-        device = self.wte.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.config.sequence_len:])[:, -1, :]
-            if temperature > 0:
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=rng)
-            else:
-                next_id = logits.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_id], dim=1)
-            yield next_id.item()
+        from nanochat.engine import stream  # the engine imports this module
+        for (token,) in stream(self, [tokens], max_new_tokens, temperature, top_k, top_p, seed, stop_token):
+            yield token
 
     # -- optimizer ----------------------------------------------------------------
 
