@@ -197,3 +197,13 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
             if token is not None:
                 row.append(token)
     return rows
+
+
+def complete(model, tokenizer, texts, max_new_tokens, **sampling):
+    """Each text's continuation as a string, for display: BOS + text is the prompt, a row stops at BOS (a new
+    document) or after max_new_tokens, cut to what the context holds after the longest prompt (no refusal).
+    sampling: temperature, top_k, top_p, seed as in `stream` (default greedy)."""
+    prompts = tokenizer.encode(list(texts), prepend_bos=True)
+    room = model.config.sequence_len + 1 - max(len(p) for p in prompts)
+    rows = generate(model, prompts, min(max_new_tokens, room), stop_token=tokenizer.bos_token_id, **sampling)
+    return [tokenizer.decode(row) for row in rows]

@@ -19,6 +19,7 @@ from nanochat.common import cleanup_dist, get_base_dir, init_dist, print0
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError
+from nanochat.engine import complete
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.mixture import SPEC_HELP, check_sources, resolve_sources, shares
@@ -132,9 +133,8 @@ def main(argv=None):
 
     # samples
     if args.num_sample_tokens > 0 and dist_info.is_master:
-        for prompt in SAMPLE_PROMPTS:
-            ids = tokenizer.encode(prompt, prepend_bos=True)
-            print0(f"sample: {prompt!r} -> {tokenizer.decode(list(model.generate(ids, args.num_sample_tokens)))!r}")
+        for prompt, text in zip(SAMPLE_PROMPTS, complete(model, tokenizer, SAMPLE_PROMPTS, args.num_sample_tokens)):
+            print0(f"sample: {prompt!r} -> {text!r}")  # one batch through the KV-cache engine, each row stops at BOS
 
     if dist_info.is_master:
         csv_path = os.path.join(run_dir, f"base_eval_step{step:06d}.csv")

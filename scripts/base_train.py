@@ -586,10 +586,11 @@ def run_core(model, tokenizer, bundle, args, device, config):
 
 
 def print_samples(model, tokenizer, prompts=("The capital of France is", "In the beginning", "The meaning of life is")):
+    """Greedy continuations of the prompts, one batch through the KV-cache engine on the eager model."""
+    from nanochat.engine import complete
     with disable_fp8(model):
-        for prompt in prompts:
-            ids = tokenizer.encode(prompt, prepend_bos=True)
-            print0(f"sample: {prompt!r} -> {tokenizer.decode(list(model.generate(ids, 16)))!r}")
+        for prompt, text in zip(prompts, complete(model, tokenizer, prompts, 16)):
+            print0(f"sample: {prompt!r} -> {text!r}")
 
 
 if __name__ == "__main__":
