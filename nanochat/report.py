@@ -54,6 +54,22 @@ def diagnose_low_mfu(mfu, data_wait_frac, optim_frac, tokens_per_micro_step):
             f"device batch of {tokens_per_micro_step} tokens per micro-step is likely too small — raise --device-batch-size")
 
 
+def start_wandb(run_name, run_info, run_dir):
+    """A wandb run; without credentials (or reachable servers) an offline one, with one warning line.
+
+    Offline rather than an error: by the time wandb starts the run has been configured and its data
+    checked, and losing it over a missing login helps no one; the local files are complete either way
+    and `wandb sync` uploads them later. WANDB_MODE=disabled turns wandb off, as usual."""
+    import wandb  # imported lazily: a run without a name never pays wandb's import time
+    settings = dict(project="nanochat", name=run_name, config=run_info, dir=run_dir)
+    try:
+        return wandb.init(**settings)
+    except wandb.errors.Error as e:
+        print(f"WARNING: wandb: {' '.join(str(e).split())} — logging offline instead; upload later with "
+              f"`wandb sync {os.path.join(run_dir, 'wandb', 'offline-run-*')}` (WANDB_MODE=disabled: no wandb at all)")
+        return wandb.init(mode="offline", **settings)
+
+
 class RunLog:
     def __init__(self, run_dir, run_name, run_info, use_wandb=False, resume_step=None, enabled=True):
         """run_info: JSON-able dict stored as run.json. resume_step: drop log lines past it (a crashed tail)."""
@@ -74,8 +90,7 @@ class RunLog:
             os.replace(self.path, self.path + f".old{int(time.time())}")  # a fresh run never mixes with an old log
         self.file = open(self.path, "a")
         if use_wandb:
-            import wandb  # imported lazily: a dummy run never pays wandb's import time
-            self.wandb = wandb.init(project="nanochat", name=run_name, config=run_info, dir=run_dir)
+            self.wandb = start_wandb(run_name, run_info, run_dir)
 
     def log(self, record):
         if not self.enabled:

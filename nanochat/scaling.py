@@ -8,7 +8,7 @@ Sources (shared NOTES.md, "Model" and "Optimisation"; RECIPE.md for the record r
   B = 2^19 * (N / N_d12)^0.383 rounded to a power of two, the same for any ratio (2^20 at d24)
 - learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19)
 - Muon weight decay from the T_epoch rule: 0.28 * s_B * N_d12 / N (0.0597 at d24), faded to 0
-  along a cosine
+  along a cosine; N_d12, the anchor of both laws, is the d12 model of the run's own aspect ratio and head dim
 - LR: constant from step 0 (no warmup by default), linear warmdown over the last ~65% to 5% of peak.
   NOTES and the July reference warm up for ~40 steps; the March reference did not, and at d4 / 200 steps
   the 40-step warmup alone was the whole of its 0.6-nat lead at step 50 (dev/LOG.md, 2026-11-30)
@@ -47,12 +47,20 @@ def training_tokens(num_scaling_params, param_data_ratio=DEFAULT_PARAM_DATA_RATI
     return int(param_data_ratio * num_scaling_params)
 
 
-def optimal_batch_tokens(num_scaling_params, vocab_size):
+def anchor_params(vocab_size, aspect_ratio=64, head_dim=128):
+    """N_d12: the scaling parameters of the d12 model *of this run's shape* (its aspect ratio and head dim),
+    the anchor of the batch law and the T_epoch weight decay, as the reference builds it. Anchoring a narrowed
+    model on the default-width d12 instead made its Muon WD 4-15x the reference rule's (d4 at aspect 32 /
+    head dim 64: 1.18 vs 0.30)."""
+    return scaling_params(REF_DEPTH, vocab_size, aspect_ratio, head_dim)
+
+
+def optimal_batch_tokens(num_scaling_params, vocab_size, aspect_ratio=64, head_dim=128):
     """B_opt = 2^19 * (N / N_d12)^0.383, rounded to the nearest power of two (in log space).
 
     Power Lines' B ~ D^0.383 with D = ratio * N at the d12 anchor's ratio: the ratio cancels, so
-    a run at ratio 8 gets the same batch as one at 12 (RECIPE)."""
-    batch = REF_BATCH_TOKENS * (num_scaling_params / scaling_params(REF_DEPTH, vocab_size)) ** BATCH_EXPONENT
+    a run at ratio 8 gets the same batch as one at 12 (RECIPE). N_d12 has the run's own shape."""
+    batch = REF_BATCH_TOKENS * (num_scaling_params / anchor_params(vocab_size, aspect_ratio, head_dim)) ** BATCH_EXPONENT
     return 2 ** round(math.log2(batch))
 
 
@@ -72,13 +80,13 @@ def gate_lr_scale(batch_tokens):
     return min(1.0, lr_batch_scale(batch_tokens))
 
 
-def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size):
+def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio=64, head_dim=128):
     """Muon weight decay from the T_epoch rule: 0.28 * s_B * D_ref / D with D_ref / D = N_d12 / N.
 
     Keeps the decay's timescale (in epochs of the data) fixed: bigger models see more tokens per
     step count, so they decay less per step. 0.0597 at d24 (B = 2^20); 0.367 at d4 with vocab 4096
     and B = 2048."""
-    n_ref = scaling_params(REF_DEPTH, vocab_size)
+    n_ref = anchor_params(vocab_size, aspect_ratio, head_dim)
     return REF_MUON_WEIGHT_DECAY * lr_batch_scale(batch_tokens) * n_ref / num_scaling_params
 
 

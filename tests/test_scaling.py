@@ -127,3 +127,15 @@ def test_scaling_does_not_import_torch():
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name and name.split(".")[0] == "torch" for name in imported)
     assert math.isclose(scaling.training_tokens(100, 12), 1200)
+
+
+def test_anchor_has_the_runs_own_shape():
+    """Narrowed models anchor on the d12 of their own aspect ratio and head dim (the reference's rule): at aspect 32 /
+    head dim 64 the d4 Muon WD is 0.30 (was 1.18 when anchored on the default-width d12), d6 0.12 (was 0.45)."""
+    for depth, want, old in ((4, 0.304, 1.176), (6, 0.116, 0.448)):
+        n = scaling.scaling_params(depth, 4096, 32, 64)
+        assert scaling.muon_weight_decay(n, 2048, 4096, aspect_ratio=32, head_dim=64) == pytest.approx(want, abs=1e-3)
+        assert scaling.muon_weight_decay(n, 2048, 4096) == pytest.approx(old, abs=1e-3)
+    n12_narrow = scaling.scaling_params(12, 32768, 32, 64)
+    assert scaling.optimal_batch_tokens(n12_narrow, 32768, aspect_ratio=32, head_dim=64) == 2**19  # its own anchor
+    assert scaling.optimal_batch_tokens(n12_narrow, 32768) == 2**18  # the default-width anchor would halve it
