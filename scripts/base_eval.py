@@ -1,12 +1,12 @@
 """Evaluate a base-model checkpoint: CORE, bits per byte on train and val, and a few greedy samples.
 
-python -m scripts.base_eval --run-dir ~/.cache/nanochat/runs/d24                  # latest checkpoint
-torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --run-dir ... --step 5000
+python -m scripts.base_eval                       # the latest run under <base>/runs, its latest checkpoint
+python -m scripts.base_eval --run my-run          # a run by name (base_train's --run), or --run-dir PATH
+torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --run my-run --step 5000
 
-Results go to stdout, to `<run-dir>/base_eval_step<step>.csv`, and to wandb with --run.
+Results go to stdout, to `<run-dir>/base_eval_step<step>.csv`, and to wandb (as `<run name>-eval`) with --wandb.
 """
 
-import argparse
 import csv
 import os
 import time
@@ -23,6 +23,8 @@ from nanochat.engine import complete
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.mixture import SPEC_HELP, check_sources, resolve_sources, shares
+from nanochat.report import start_wandb
+from nanochat.runs import RunDirError, latest_run_dir, resolve_run_dir
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from scripts import base_train
 
@@ -32,10 +34,12 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 
 def parse_args(argv=None):
     """The flags, each range-checked while parsing: a bad value is one line on stderr before anything is loaded."""
-    p = ArgumentParser(description="Evaluate a nanochat base checkpoint.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run-dir", default="", help="the training run's directory (default: <base>/runs/d<depth>, needs --depth)")
-    p.add_argument("--depth", type=number(int, low=1), default=20, help="only to find the default run dir")
+    p = ArgumentParser(description="Evaluate a nanochat base checkpoint: without --run or --run-dir, the latest run's.")
+    p.add_argument("--run", default="", help="the run to evaluate, by name (base_train's --run, or the d<depth>-<time> "
+                   "name it printed) under <base>/runs (default: the latest run)")
+    p.add_argument("--run-dir", default="", help="the run to evaluate, by directory (default: see --run)")
+    p.add_argument("--depth", type=number(int, low=1), default=None,
+                   help="without --run/--run-dir: the latest run of this depth (default: any depth)")
     p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--max-per-task", type=number(int, low=1, also=(-1,)), default=-1, help="CORE items per task (-1: all)")
@@ -43,13 +47,20 @@ def parse_args(argv=None):
     p.add_argument("--skip-core", action="store_true", help="only bits per byte and samples")
     p.add_argument("--bpb-tokens", type=number(int, low=1), default=10 * 2**19, help="tokens per split for bits per byte (at most one pass over the split)")
     p.add_argument("--device-batch-size", type=number(int, low=1), default=32, help="sequences per device for bits per byte")
-    p.add_argument("--data-dir", default="", help="parquet shards (default: $NANOCHAT_DATA_DIR or <base>/base_data)")
-    p.add_argument("--data", default="", help=SPEC_HELP + "; default: the run's own --data, else --data-dir")
+    p.add_argument("--data-dir", default="", help="parquet shards (default: the run's own --data if it had "
+                   "one, else $NANOCHAT_DATA_DIR or <base>/base_data)")
+    p.add_argument("--data", default="", help=SPEC_HELP.split(" (default:")[0] + " (default: the run's own --data, "
+                   "else --data-dir)")
     p.add_argument("--text-column", default="", help="text column of sources that name none (default: the run's, else 'text')")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: <base>/tokenizer)")
     p.add_argument("--num-sample-tokens", type=number(int, low=0), default=24, help="greedy tokens per sample prompt (0: no samples)")
-    p.add_argument("--run", default="dummy", help="wandb run name to log to; 'dummy' for none")
+    p.add_argument("--wandb", action="store_true", help="also log the results to wandb as '<run name>-eval' (offline "
+                   "without a login)")
     args = p.parse_args(argv)
+    if args.run and args.run_dir:
+        p.error("pass --run NAME or --run-dir PATH, not both")
+    if args.depth is not None and (args.run or args.run_dir):
+        p.error("--depth only picks the latest run of that depth; with --run/--run-dir it would be ignored")
     if args.step != "latest" and not args.step.isdigit():
         p.error(f"--step takes a checkpoint step number or 'latest', got {args.step!r}")
     for flag in ("run_dir", "data_dir", "tokenizer_dir"):
@@ -58,6 +69,15 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} {path} is a file, not a directory")
     base_train.check_device_type(p, args.device_type)
     return args
+
+
+def find_run_dir(args):
+    """--run-dir, else --run by name (or path), else the latest run (of --depth): a RunDirError names what exists."""
+    if args.run_dir:
+        return resolve_run_dir(args.run_dir, get_base_dir())
+    if args.run:
+        return resolve_run_dir(args.run, get_base_dir())
+    return latest_run_dir(get_base_dir(), args.depth)
 
 
 def load_model(checkpoint_dir, device):
@@ -88,7 +108,7 @@ def main(argv=None):
     args = parse_args(argv)
     dist_info = init_dist(args.device_type or None)
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
-    run_dir = args.run_dir or os.path.join(get_base_dir(), "runs", f"d{args.depth}")
+    run_dir = find_run_dir(args)
     checkpoint_root = os.path.join(run_dir, "checkpoints")
     step = resolve_step(checkpoint_root, args.step)
     # every input is checked before the slow work: the tokenizer, the data, the CORE bundle, the weights
@@ -144,13 +164,13 @@ def main(argv=None):
             writer.writerows(rows)
         os.replace(csv_path + ".tmp", csv_path)
         print0(f"wrote {csv_path}")
-        if args.run != "dummy":
-            import wandb
-            with wandb.init(project="nanochat", name=f"{args.run}-eval", config={"step": step, **meta["args"]}) as wb:
-                wb.log({f"eval/{metric}": value for metric, value, _ in rows} | {"step": step})
+        if args.wandb:
+            wb = start_wandb(f"{os.path.basename(os.path.normpath(run_dir))}-eval", {"step": step, **meta["args"]}, run_dir)
+            wb.log({f"eval/{metric}": value for metric, value, _ in rows} | {"step": step})
+            wb.finish()
     cleanup_dist()
     return dict((metric, value) for metric, value, _ in rows)
 
 
 if __name__ == "__main__":
-    run_main(main, "base_eval", (BundleError, CheckpointError, DataError, TokenizerError))
+    run_main(main, "base_eval", (BundleError, CheckpointError, DataError, RunDirError, TokenizerError))

@@ -15,18 +15,19 @@ import time
 
 import torch
 
+from nanochat.cli import ArgumentParser
 from nanochat.common import rel_err
 from nanochat.fp8 import Float8Linear, fp8_supported
 from nanochat.gpt import GPTConfig, Linear
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=None, help="model depth whose Linear shapes to time (default: 24 on CUDA, 4 on CPU)")
     parser.add_argument("--rows", type=int, default=None, help="tokens per matmul, batch * sequence (default: 32768 on CUDA, 1024 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to time on (default: cuda if available)")
-    parser.add_argument("--iters", type=int, default=20, help="timed fwd+bwd iterations per shape (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first, compile included (default 3)")
+    parser.add_argument("--iters", type=int, default=20, help="timed fwd+bwd iterations per shape")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first, compile included")
     parser.add_argument("--no-compile", action="store_true", help="time eager layers (fp8 is ~4x slower uncompiled: unfused scaling)")
     return parser.parse_args()
 

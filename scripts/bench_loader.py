@@ -11,10 +11,10 @@ Crop fractions are summed over the measured window (a warm-up first: long docume
 a best-fit buffer over the first few hundred batches, shared NOTES.md "Data").
 """
 
-import argparse
 import os
 import time
 
+from nanochat.cli import ArgumentParser
 from nanochat.common import get_base_dir
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, resolve_data_dir
@@ -84,7 +84,7 @@ def measure(tokenizer, sources, batch_size, seq_len, packer, warmup_batches, bat
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Benchmark the best-fit packing loader against a greedy-crop baseline.")
+    parser = ArgumentParser(description="Benchmark the best-fit packing loader against a greedy-crop baseline.")
     parser.add_argument("--data-dir", default=None, help="parquet directory (default: configured data dir, else a "
                         "shared/data/corpus above the repo, else the bundled data/sample)")
     parser.add_argument("--data", default="", help=SPEC_HELP)

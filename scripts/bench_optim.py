@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat import scaling
+from nanochat.cli import ArgumentParser
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import default_orth_dtype
@@ -149,7 +150,7 @@ def bench_normuon(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["step", "normuon"], default="step", help="what to benchmark")
     p.add_argument("--depths", default="4,12", help="step mode: comma-separated model depths")
     p.add_argument("--vocab-size", type=int, default=32768, help="step mode: vocab size (sets embedding sizes)")

@@ -10,12 +10,12 @@ loader), forward+backward and optimizer. MFU is against the GPU's bf16 datasheet
 against the measured matmul peak *in that row's dtype* (the physical limit of that row).
 """
 
-import argparse
 import os
 import time
 
 import torch
 
+from nanochat.cli import ArgumentParser
 from nanochat.common import autodetect_device_type, measure_cpu_matmul_flops, peak_flops, synchronize
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, GPTConfig
@@ -84,7 +84,7 @@ def bench_config(args, tokenizer, data_dir, device, compiled, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=4, help="model depth")
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     p.add_argument("--max-seq-len", type=int, default=256, help="context length T")

@@ -2,9 +2,10 @@
 
     python -m scripts.compare_runs RUN_A RUN_B [RUN_C ...] [--out compare.png] [--force]
 
-A RUN is a run directory written by scripts/base_train.py (run.json + log.jsonl), a log.jsonl
+A RUN is a run's name (base_train's --run, or the d<depth>-<time> name it printed; found under
+<base>/runs), a run directory written by scripts/base_train.py (run.json + log.jsonl), a log.jsonl
 path (its run.json is read from beside it when present), or a wandb run path
-"entity/project/run_id" (needs network and a wandb login).
+"entity/project/run_id" (needs network and a wandb login). The same run twice is refused.
 
 What it does, in order:
 1. Refuses (exit 1) when the runs' data signatures differ (tokenizer, sequence length, packing,
@@ -24,10 +25,12 @@ What it does, in order:
      NOISE_SIGMAS x sqrt(sigma_a^2 + sigma_b^2).
    - the best run wins an axis only if its lead over the runner-up is beyond noise; a change
      wins overall only if the same run wins all three axes (NOTES: "improvements must hold on
-     three axes at once").
+     three axes at once"). A run with no val bpb (stopped before its first eval) gives no result,
+     never a tie.
    Runs with different horizons are compared at the shorter one, i.e. the longer run before
    its LR warmdown has finished: give runs the same budget on the axis you care about.
-4. Prints an MFU health section per run (see `mfu_health`).
+4. Prints the settings that differ between the runs (run.json's args and resolved hyperparameters).
+5. Prints an MFU health section per run (see `mfu_health`).
 """
 
 import argparse
@@ -40,7 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanochat.cli import ArgumentParser, number
+from nanochat.common import get_base_dir
 from nanochat.report import MFU_HEALTHY, diagnose_low_mfu, read_jsonl
+from nanochat.runs import RunDirError, list_runs, resolve_run_dir, runs_root
 
 # what a val bpb depends on besides the model (written by base_train's data_signature()); a
 # run's own extra signature keys are checked too: `data` (the --data mixture) is one, so runs on
@@ -50,6 +55,9 @@ AXES = (("step", "step"), ("total_training_time", "training time (s)"), ("total_
 AXIS_NAMES = {"step": "step", "total_training_time": "time", "total_training_flops": "flops"}
 NOISE_SIGMAS = 2.0  # ~95% two-sided for Gaussian scatter
 NOISE_MIN_EVALS = 5  # the noise fit uses the later half of the evaluations, but at least this many
+# run.json args that name or place a run, or say how its process started: not what it trains
+NOT_SETTINGS = {"run", "run_dir", "resume_from_step", "overwrite", "allow_horizon_change", "dry_run"}
+MAX_LISTED_DIFFERENCES = 8  # per line of the settings section; the rest are counted
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Run:
     source: str
     info: dict  # run.json ({} when unknown)
     records: list  # log.jsonl records (wandb history rows for a wandb run)
+    identity: str = ""  # what makes two sources the same run: the log's real path, or the wandb path
 
     @property
     def signature(self):
@@ -85,7 +94,14 @@ def read_run_file(path, reader, check):
 
 
 def load_run(source):
-    """A Run from a run directory, a log.jsonl path, or a wandb run path "entity/project/run_id"."""
+    """A Run from a run directory, a log.jsonl path, a wandb run path "entity/project/run_id", or a run name."""
+    if not os.path.exists(source) and os.sep not in source.strip(os.sep):
+        try:  # a run's name, as base_train printed it
+            source = resolve_run_dir(source, get_base_dir())
+        except RunDirError:
+            base = get_base_dir()
+            raise SystemExit(f"{source}: no such run under {runs_root(base)} (latest there: "
+                             f"{', '.join(list_runs(base)[-5:]) or 'none'}), and no such directory or log file") from None
     if os.path.isdir(source):
         log_path = os.path.join(source, "log.jsonl")
         if not os.path.isfile(log_path):
@@ -95,12 +111,12 @@ def load_run(source):
     elif len(source.strip("/").split("/")) == 3:
         return load_wandb_run(source.strip("/"))
     else:
-        raise SystemExit(f"{source}: no such run directory or log file (a wandb run is given as entity/project/run_id)")
+        raise SystemExit(f"{source}: no such run, run directory or log file (a wandb run is given as entity/project/run_id)")
     run_dir = os.path.dirname(os.path.abspath(log_path))
     info_path = os.path.join(run_dir, "run.json")
     info = read_run_file(info_path, read_run_json, lambda d: isinstance(d, dict)) if os.path.isfile(info_path) else {}
     records = read_run_file(log_path, read_jsonl, lambda rs: all(isinstance(r, dict) for r in rs))
-    return Run(os.path.basename(run_dir), source, info, records)
+    return Run(os.path.basename(run_dir), source, info, records, os.path.realpath(log_path))
 
 
 def load_wandb_run(path):
@@ -120,7 +136,17 @@ def load_wandb_run(path):
                          "directory (run.json + log.jsonl) instead") from None
     for r in records:
         r.setdefault("step", r.get("_step"))
-    return Run(name or path, path, info, records)
+    return Run(name or path, path, info, records, path)
+
+
+def refuse_repeats(runs):
+    """One line when a run is given twice (a name and its path, a dir and its log.jsonl): it would only tie itself."""
+    seen = {}
+    for run in runs:
+        if run.identity in seen:
+            raise SystemExit(f"{seen[run.identity]} and {run.source} are the same run ({run.identity}): "
+                             "pass two different runs")
+        seen[run.identity] = run.source
 
 
 def disambiguate_labels(runs):
@@ -195,15 +221,15 @@ def compare_axis(runs, x_key, noise_sigmas=NOISE_SIGMAS):
     Returns a dict: axis, budget, bpb (label -> value), best, runner_up, gap, gap_noise,
     beyond_noise (None when noise is unknown), winner (best if not within noise, else None),
     budget_ratio (fraction of the budget the best run needed to reach the runner-up's bpb),
-    note (why there is no verdict, if there is none).
+    note (why there is no verdict, if there is none), missing (the runs without val bpb on this axis).
     """
     curves = {r.label: curve(r.records, x_key) for r in runs}
     verdict = {"axis": AXIS_NAMES.get(x_key, x_key), "x_key": x_key, "budget": None, "bpb": {}, "best": None,
                "runner_up": None, "gap": None, "gap_noise": None, "beyond_noise": None, "winner": None,
-               "budget_ratio": None, "note": ""}
+               "budget_ratio": None, "note": "", "missing": []}
     empty = [label for label, (xs, _) in curves.items() if len(xs) == 0]
     if empty:
-        verdict["note"] = f"no val/bpb with {x_key} in: {', '.join(empty)}"
+        verdict.update(note=f"no val/bpb with {x_key} in: {', '.join(empty)}", missing=empty)
         return verdict
     budget = min(xs[-1] for xs, _ in curves.values())
     late_starters = [label for label, (xs, _) in curves.items() if xs[0] > budget]
@@ -226,10 +252,21 @@ def compare_axis(runs, x_key, noise_sigmas=NOISE_SIGMAS):
     return verdict
 
 
+def axis_result(verdict):
+    """An axis in the summary: its winner, 'tie' (compared, within noise or noise unknown), or 'no result'."""
+    if verdict["best"] is None:
+        return "no result"
+    return verdict["winner"] or "tie"
+
+
 def overall_verdict(verdicts):
-    """One line: a run wins only if it wins (beyond noise) on every axis."""
+    """One line: a run wins only if it wins (beyond noise) on every axis; no result on an axis is said as such."""
     winners = [v["winner"] for v in verdicts]
-    summary = ", ".join(f"{v['axis']}: {v['winner'] or 'tie'}" for v in verdicts)
+    summary = ", ".join(f"{v['axis']}: {axis_result(v)}" for v in verdicts)
+    if verdicts and all(v["best"] is None for v in verdicts):
+        missing = list(dict.fromkeys(label for v in verdicts for label in v["missing"]))
+        why = (f"{', '.join(missing)} has no val bpb (stopped before its first eval?)" if missing else verdicts[0]["note"])
+        return f"overall: no result — {why}: nothing to compare"
     if winners and winners[0] is not None and all(w == winners[0] for w in winners):
         return f"overall: {winners[0]} WINS on all three axes"
     unsure = [v["axis"] for v in verdicts if v["beyond_noise"] is None and v["best"] is not None]
@@ -244,6 +281,39 @@ def overall_verdict(verdicts):
             won = [v["axis"] for v in verdicts if v["winner"] == label]
             line += f"; {label} wins on {', '.join(won)} and is within noise on the rest"
     return line
+
+
+# -----------------------------------------------------------------------------
+# settings
+
+def setting_differences(runs, section, ignore=()):
+    """[(key, [value per run])] of run.json[section] (args or hyperparameters) that differ between runs, in key order.
+    A run without the key (or without run.json) shows None there."""
+    tables = [run.info.get(section) or {} for run in runs]
+    keys = sorted(set().union(*tables) - set(ignore))
+    return [(k, [t.get(k) for t in tables]) for k in keys if any(t.get(k) != tables[0].get(k) for t in tables)]
+
+
+def format_value(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def format_setting_differences(runs):
+    """Two lines: the flags that differ (run.json args, as --flag) and the resolved hyperparameters that differ."""
+    unknown = [r.label for r in runs if not r.info.get("args")]
+    if unknown:
+        return f"settings: unknown for {', '.join(unknown)} (no run.json with args)"
+    lines = []
+    for section, title, name in (("args", "flags", lambda k: "--" + k.replace("_", "-")),
+                                 ("hyperparameters", "resolved hyperparameters", str)):
+        diffs = setting_differences(runs, section, NOT_SETTINGS if section == "args" else ())
+        shown = [f"{name(k)} " + " | ".join(f"{r.label}={format_value(v)}" for r, v in zip(runs, values))
+                 for k, values in diffs[:MAX_LISTED_DIFFERENCES]]
+        more = f"; and {len(diffs) - MAX_LISTED_DIFFERENCES} more" if len(diffs) > MAX_LISTED_DIFFERENCES else ""
+        lines.append(f"{title} that differ: " + ("; ".join(shown) + more if diffs else "none"))
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -320,14 +390,15 @@ def format_verdict_table(runs, verdicts, noise_sigmas=NOISE_SIGMAS):
     labels = [r.label for r in runs]
     width = max(10, *(len(label) for label in labels))
     sigmas = {r.label: eval_noise(*curve(r.records, "step")) for r in runs}
+    threshold = f"{noise_sigmas:g}σ noise"  # the column's name says what it is: the threshold a lead must pass
     lines = ["val/bpb at matched budget (interpolated; lower is better). noise sigma per eval: "
              + ", ".join(f"{label} {'n/a' if s is None else f'{s:.4f}'}" for label, s in sigmas.items())
-             + f"; a lead counts if > {noise_sigmas:g} x sqrt(sigma_best^2 + sigma_next^2)",
+             + f"; '{threshold}' = {noise_sigmas:g} x sqrt(sigma_best^2 + sigma_next^2), the threshold a lead must exceed",
              f"{'axis':<6} {'budget':>12}  " + "  ".join(f"{label:>{width}}" for label in labels)
-             + f"  {'best':>{width}} {'lead':>8} {'noise':>8}  verdict"]
+             + f"  {'best':>{width}} {'lead':>8} {threshold:>10}  verdict"]
     for v in verdicts:
         if v["best"] is None:
-            lines.append(f"{v['axis']:<6} {'-':>12}  {v['note']}")
+            lines.append(f"{v['axis']:<6} {'-':>12}  no result: {v['note']}")
             continue
         cells = "  ".join(f"{v['bpb'][label]:>{width}.4f}" for label in labels)
         noise = "n/a" if v["gap_noise"] is None else f"{v['gap_noise']:.4f}"
@@ -338,13 +409,35 @@ def format_verdict_table(runs, verdicts, noise_sigmas=NOISE_SIGMAS):
             if v["budget_ratio"] is not None:
                 text += f"; reaches {v['runner_up']}'s bpb at {v['budget_ratio']:.2f}x the {v['axis']} budget"
         lines.append(f"{v['axis']:<6} {format_number(v['budget'], v['x_key']):>12}  {cells}  "
-                     f"{v['best']:>{width}} {v['gap']:>8.4f} {noise:>8}  {text}")
+                     f"{v['best']:>{width}} {v['gap']:>8.4f} {noise:>10}  {text}")
     lines.append(overall_verdict(verdicts))
     return "\n".join(lines)
 
 
-def plot_runs(runs, verdicts, out_path, warning=""):
-    """One PNG: val bpb vs each axis and the smoothed train loss vs step. Written via a temp file, then renamed."""
+def zoom_inset(ax, runs, x_key, budget):
+    """An inset of the evaluations after step 0: the main panel shows every point, the untrained step-0 one
+    included, which squeezes the late curves, where runs differ, into a sliver."""
+    curves = [curve(run.records, x_key) for run in runs]
+    late = [(xs[xs > 0], ys[xs > 0]) for xs, ys in curves]
+    if not any(len(xs) > 1 for xs, _ in late):
+        return None
+    top = max(ys[0] for _, ys in late if len(ys))
+    bottom = min(ys.min() for _, ys in late if len(ys))
+    inset = ax.inset_axes([0.45, 0.42, 0.52, 0.5])
+    for (xs, ys), run in zip(late, runs):
+        inset.plot(xs, ys, marker="o", markersize=2, label=run.label)
+    if budget is not None:
+        inset.axvline(budget, color="gray", linestyle="--", linewidth=1)
+    inset.set_ylim(bottom - 0.02 * (top - bottom + 1e-9), top + 0.02 * (top - bottom + 1e-9))
+    inset.set_title("after step 0", fontsize=8)
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    return inset
+
+
+def draw_figure(runs, verdicts, warning=""):
+    """The figure: val bpb vs each axis (every evaluation in range, with a zoomed inset of the later ones) and the
+    smoothed train loss vs step."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed, and never a GUI window from a script
     import matplotlib.pyplot as plt
@@ -352,19 +445,15 @@ def plot_runs(runs, verdicts, out_path, warning=""):
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     panels = list(zip(axes.flat[:3], AXES, verdicts))
     for ax, (x_key, x_label), verdict in panels:
-        tops = []
         for run in runs:
             xs, ys = curve(run.records, x_key)
             ax.plot(xs, ys, marker="o", markersize=3, label=run.label)
-            tops.extend(ys[xs > 0][:1])  # skip the untrained step-0 eval when choosing the y range
         if verdict["budget"] is not None:
             ax.axvline(verdict["budget"], color="gray", linestyle="--", linewidth=1, label="matched budget")
-            ax.set_title(f"val bpb vs {x_label}: " + (f"{verdict['winner']} wins" if verdict["winner"] else "tie within noise"))
+            ax.set_title(f"val bpb vs {x_label}: " + (f"{verdict['winner']} wins" if verdict["winner"] else "no winner beyond noise"))
         else:
-            ax.set_title(f"val bpb vs {x_label}: {verdict['note']}")
-        if tops:
-            bottom = min(min(curve(r.records, x_key)[1], default=np.inf) for r in runs)
-            ax.set_ylim(bottom - 0.02 * (max(tops) - bottom + 1e-9), max(tops))
+            ax.set_title(f"val bpb vs {x_label}: no result ({verdict['note']})")
+        zoom_inset(ax, runs, x_key, verdict["budget"])
         ax.set_xlabel(x_label)
         ax.set_ylabel("val bpb")
         ax.grid(alpha=0.3)
@@ -381,6 +470,13 @@ def plot_runs(runs, verdicts, out_path, warning=""):
     if warning:
         fig.suptitle(warning, color="red", fontweight="bold")
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(runs, verdicts, out_path, warning=""):
+    """One PNG of draw_figure(). Written via a temp file, then renamed."""
+    import matplotlib.pyplot as plt
+    fig = draw_figure(runs, verdicts, warning)
     tmp = f"{out_path}.tmp{os.getpid()}"
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
@@ -410,6 +506,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     runs = [load_run(source) for source in args.runs]
+    refuse_repeats(runs)
     disambiguate_labels(runs)
     warning = ""
     mismatched = signature_mismatches(runs)
@@ -421,6 +518,7 @@ def main(argv=None):
         print(f"{'!' * 80}\nWARNING (--force): {message}\n{'!' * 80}", file=sys.stderr)
     verdicts = [compare_axis(runs, x_key, args.noise_sigmas) for x_key, _ in AXES]
     print(format_verdict_table(runs, verdicts, args.noise_sigmas))
+    print("\n" + format_setting_differences(runs))
     print(f"\nMFU health (steps > {args.mfu_skip_steps}):")
     for run in runs:
         print(format_mfu_health(mfu_health(run, args.mfu_skip_steps)))

@@ -34,7 +34,7 @@ def training_texts(sources, max_chars, doc_cap, counts):
 def parse_args(argv=None):
     parser = ArgumentParser(description="Train the byte-level BPE tokenizer (rustbpe) on the train split.")
     parser.add_argument("--vocab-size", type=number(int, low=MIN_VOCAB_SIZE, high=2**31 - 1), default=32768,
-                        help="learned ranks + special tokens (2^15 by default)")
+                        help="learned ranks + special tokens (2^15)")
     parser.add_argument("--max-chars", type=number(int, low=1), default=2_000_000_000, help="stop after this many characters of text")
     parser.add_argument("--doc-cap", type=number(int, low=1), default=10_000, help="use at most this many characters of each document")
     parser.add_argument("--data-dir", default=None, help="directory of parquet files (default: NANOCHAT_DATA_DIR or <base dir>/base_data)")

@@ -2,6 +2,9 @@
 
     python scripts/torch_choice.py     # stdout: 'keep' or the pip arguments; stderr: why; exit 1: refuse
 
+It takes no options (--help prints this text and decides nothing); NANOCHAT_KEEP_TORCH=1 asks to keep the
+venv's torch, and fails when that torch does not qualify.
+
 scripts/setup_venv.sh runs it with the venv's python before installing anything, so it imports
 only the standard library (and torch, if one is importable, to read its version).
 
@@ -14,6 +17,7 @@ Facts it encodes (dev/LOG.md, 2026-11-30 "which torch on a GPU node", with where
   PyTorch's own index has a CUDA 12.6 build of it (2.12-2.14 ship 12.6 legacy, 13.0, 13.2; no 12.8).
 """
 
+import argparse
 import os
 import re
 import subprocess
@@ -102,7 +106,10 @@ def importable_torch():
     return parse_version(torch.__version__), parse_version(torch.version.cuda)
 
 
-def main():
+def main(argv=None):
+    # argparse only for --help (and a one-line refusal of anything else): the decision takes no options
+    argparse.ArgumentParser(prog="python scripts/torch_choice.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     action, pip_args, reason = choose_torch(importable_torch(), driver_cuda_version(),
                                             os.environ.get("NANOCHAT_KEEP_TORCH") == "1")
     print(f"torch_choice: {reason}", file=sys.stderr)

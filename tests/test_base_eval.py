@@ -7,6 +7,7 @@ random baselines (centered 0) and CORE is ~0. A checkpoint not loaded (a fresh i
 """
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -70,3 +71,42 @@ def test_base_eval_end_to_end(tmp_path, tokenizer, tokenizer_dir, corpus_dir):
     assert value["core_metric"] == pytest.approx(sum(float(rows[t]["centered"]) for t in ("arith_mc", "who_schema", "facts_lm")) / 3)
     assert 0 < value["core_metric"] <= 1 / tokenizer.vocab_size
     assert proc.stdout.count("sample: ") == 5
+
+
+def write_run(runs_root, name, depth, created, tokenizer, step=STEP):
+    """A run dir as base_train leaves it: run.json (RunLog's keys) and one checkpoint of a depth-`depth` model."""
+    config = GPTConfig.from_depth(depth, vocab_size=tokenizer.vocab_size, sequence_len=T, head_dim=32)
+    run_dir = runs_root / name
+    save_checkpoint(str(run_dir / "checkpoints"), step, GPT.build(config, torch.device("cpu"), seed=0), {},
+                    {"model_config": config.to_dict(), "args": {}})
+    (run_dir / "run.json").write_text(json.dumps({"run": name, "created": created, "model_config": config.to_dict()}))
+    return str(run_dir)
+
+
+def test_finds_the_run_by_name_or_the_latest(tmp_path, monkeypatch, capsys, tokenizer_dir, tokenizer, corpus_dir):
+    """No --run: the newest run (of --depth, if given); --run NAME: base_train's run of that name, wherever it sorts."""
+    from scripts.base_eval import main
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    runs = tmp_path / "base" / "runs"
+    named = write_run(runs, "my-run", depth=2, created=1000.0, tokenizer=tokenizer, step=3)
+    latest = write_run(runs, "d1-20261202-010203", depth=1, created=2000.0, tokenizer=tokenizer, step=7)
+    common = ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--skip-core", "--num-sample-tokens", "0",
+              "--bpb-tokens", str(B * T), "--device-batch-size", str(B), "--device-type", "cpu"]
+    for argv, run_dir, step in ((["--run", "my-run"], named, 3), ([], latest, 7), (["--depth", "2"], named, 3),
+                                (["--run-dir", named], named, 3)):
+        main(argv + common)
+        out = capsys.readouterr().out
+        assert f"evaluating {run_dir} step {step} " in out, (argv, out)
+        assert os.path.exists(os.path.join(run_dir, f"base_eval_step{step:06d}.csv"))
+
+
+def test_an_unknown_run_is_one_line_naming_the_runs_there(tmp_path, monkeypatch):
+    from nanochat.runs import RunDirError
+    from scripts.base_eval import find_run_dir, parse_args
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "runs" / "baseline")
+    (tmp_path / "runs" / "baseline" / "run.json").write_text(json.dumps({"created": 1.0, "model_config": {"n_layer": 4}}))
+    with pytest.raises(RunDirError, match=r"no run 'nope'.*baseline"):
+        find_run_dir(parse_args(["--run", "nope"]))
+    with pytest.raises(RunDirError, match="no run of depth 12"):
+        find_run_dir(parse_args(["--depth", "12"]))

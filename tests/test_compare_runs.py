@@ -22,13 +22,14 @@ def bpb_curve(step):
 
 
 def write_run(run_dir, *, offset=0.0, dt_s=1.0, flops_per_step=FLOPS_PER_STEP, noise_sd=0.001, seed=0, steps=1000,
-              eval_every=50, device=None, signature=None, mfu=0.5, data_s=0.0, optim_s=0.0):
+              eval_every=50, device=None, signature=None, mfu=0.5, data_s=0.0, optim_s=0.0, args=None, hyperparameters=None):
     """A run directory written by the real RunLog, records shaped as base_train logs them.
 
     bpb = bpb_curve(step) + offset + Gaussian eval noise; every step takes dt_s and flops_per_step.
     """
     rng = np.random.default_rng(seed)
-    info = {"args": {"device_batch_size": 8, "max_seq_len": 256}, "hyperparameters": {"compute_dtype": "float32"},
+    info = {"args": {"device_batch_size": 8, "max_seq_len": 256, **(args or {})},
+            "hyperparameters": {"compute_dtype": "float32", **(hyperparameters or {})},
             "data_signature": signature or SIGNATURE,
             "device": device or {"type": "cpu", "name": "cpu", "world_size": 1, "peak_flops": 1.8e11, "attention": "sdpa"}}
     log = RunLog(str(run_dir), "d4", info)
@@ -208,3 +209,85 @@ def test_too_few_evals_is_no_verdict(tmp_path):
     assert all(v["best"] == "A" and v["beyond_noise"] is None and v["winner"] is None for v in verdicts)
     line = overall_verdict(verdicts)
     assert "no verdict" in line and "WINS" not in line
+
+
+# -----------------------------------------------------------------------------
+# a newcomer's edge cases (issue 30)
+
+def test_runs_are_found_by_name_under_the_base_dir(tmp_path, monkeypatch):
+    """The names base_train prints (--run, or d<depth>-<time>) work as well as paths."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    write_run(tmp_path / "runs" / "baseline", seed=1, steps=200)
+    write_run(tmp_path / "runs" / "d4-20261202-141503", offset=-0.05, seed=2, steps=200)
+    verdicts = main(["baseline", "d4-20261202-141503", "--out", str(tmp_path / "x.png")])
+    assert set(verdicts[0]["bpb"]) == {"baseline", "d4-20261202-141503"}
+    with pytest.raises(SystemExit) as e:
+        main(["baseline", "nope", "--out", str(tmp_path / "x.png")])
+    assert "nope: no such run under" in str(e.value.code) and "baseline" in str(e.value.code)
+
+
+def test_the_same_run_twice_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    a = write_run(tmp_path / "runs" / "A", seed=1, steps=200)
+    for twice in ([a, a], [a, os.path.join(a, "log.jsonl")], ["A", a + "/"]):
+        with pytest.raises(SystemExit) as e:
+            main(twice + ["--out", str(tmp_path / "x.png")])
+        assert "are the same run" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_a_run_without_val_bpb_is_no_result_not_a_tie(tmp_path, capsys):
+    """A run stopped before its first eval has no bpb to compare: saying 'tie' would claim it matched."""
+    a = write_run(tmp_path / "A", seed=1, steps=200)
+    cut = write_run(tmp_path / "cut", seed=2, steps=200)
+    log = os.path.join(cut, "log.jsonl")
+    records = [json.loads(line) for line in open(log)]
+    open(log, "w").writelines(json.dumps(r) + "\n" for r in records if "val/bpb" not in r and r["step"] <= 30)
+    verdicts = main([a, cut, "--out", str(tmp_path / "x.png")])
+    line = overall_verdict(verdicts)
+    assert "tie" not in line and line.startswith("overall: no result") and "cut has no val bpb" in line
+    assert all(v["best"] is None and v["missing"] == ["cut"] for v in verdicts)
+    assert capsys.readouterr().out.count("no result: no val/bpb") == 3
+    # an axis without a result among axes with one is named so in the summary, not a tie
+    partial = verdicts_for(a, write_run(tmp_path / "B", seed=3, steps=200))[:2] + [verdicts[2]]
+    assert "flops: no result" in overall_verdict(partial)
+
+
+def test_the_plot_keeps_the_step_0_eval_in_range(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from scripts.compare_runs import plot_runs
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    monkeypatch.setattr(os, "replace", lambda *a: None)  # savefig wrote nothing to rename
+    runs = [load_run(write_run(tmp_path / name, seed=i, steps=200)) for i, name in enumerate("AB")]
+    verdicts = [compare_axis(runs, key) for key in ("step", "total_training_time", "total_training_flops")]
+    plot_runs(runs, verdicts, str(tmp_path / "x.png"))
+    step0 = max(r["val/bpb"] for run in runs for r in run.records if r["step"] == 0 and "val/bpb" in r)
+    for ax in saved[0].axes[:3]:  # the three val bpb panels (their insets come after the four panels)
+        low, high = ax.get_ylim()
+        assert low <= bpb_curve(200) and high >= step0, (ax.get_title(), ax.get_ylim(), step0)
+
+
+def test_the_noise_column_says_it_is_the_threshold(tmp_path):
+    from scripts.compare_runs import format_verdict_table
+    runs = [load_run(write_run(tmp_path / name, seed=i, steps=300)) for i, name in enumerate("AB")]
+    verdicts = [compare_axis(runs, key) for key in ("step", "total_training_time", "total_training_flops")]
+    legend, header = format_verdict_table(runs, verdicts).splitlines()[:2]
+    assert "2σ noise" in header and "'2σ noise' = 2 x sqrt(sigma_best^2 + sigma_next^2), the threshold" in legend
+    assert "3σ noise" in format_verdict_table(runs, verdicts, noise_sigmas=3).splitlines()[1]
+
+
+def test_it_prints_the_settings_that_differ(tmp_path, capsys):
+    same = {"depth": 4, "seed": 1}
+    a = write_run(tmp_path / "A", seed=1, steps=200, args={**same, "matrix_lr": 0.02, "run": "A", "run_dir": "/x/A"},
+                  hyperparameters={"matrix_lr": 0.01, "num_iterations": 200})
+    b = write_run(tmp_path / "B", seed=2, steps=200, args={**same, "matrix_lr": 0.04, "run": "B", "run_dir": "/x/B"},
+                  hyperparameters={"matrix_lr": 0.02, "num_iterations": 200})
+    main([a, b, "--out", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert "flags that differ: --matrix-lr A=0.02 | B=0.04\n" in out
+    assert "resolved hyperparameters that differ: matrix_lr A=0.01 | B=0.02\n" in out
+    c = write_run(tmp_path / "C", seed=3, steps=200, args={**same, "matrix_lr": 0.02, "run": "C", "run_dir": "/x/C"},
+                  hyperparameters={"matrix_lr": 0.01, "num_iterations": 200})
+    main([a, c, "--out", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert "flags that differ: none\nresolved hyperparameters that differ: none" in out  # name, dir and time are no settings

@@ -7,6 +7,7 @@ runpy, which is the command line minus the interpreter start; flag ranges are au
 """
 
 import json
+import re
 import os
 import runpy
 import subprocess
@@ -75,7 +76,14 @@ CASES = {
                                    "is not a readable parquet file"),
     "base_train run-dir is a file": ("scripts.base_train", TINY + ["--run-dir", "{file}"], "is a file, not a directory"),
     "base_eval step abc": ("scripts.base_eval", ["--step", "abc"], "--step takes a checkpoint step number or 'latest'"),
-    "base_eval no checkpoint": ("scripts.base_eval", ["--run-dir", "{missing}", "--device-type", "cpu"], "no complete checkpoint under"),
+    "base_eval no checkpoint": ("scripts.base_eval", ["--run-dir", "{good_run}", "--device-type", "cpu"], "no complete checkpoint under"),
+    "base_eval no such run dir": ("scripts.base_eval", ["--run-dir", "{missing}", "--device-type", "cpu"], "nope does not exist"),
+    "base_eval unknown run name": ("scripts.base_eval", ["--run", "my-run", "--device-type", "cpu"],
+                                   "no run 'my-run': "),
+    "base_eval no run yet": ("scripts.base_eval", ["--depth", "2", "--device-type", "cpu"], "no run of depth 2 under"),
+    "base_eval run and run-dir": ("scripts.base_eval", ["--run", "a", "--run-dir", "{good_run}"], "pass --run NAME or --run-dir PATH, not both"),
+    "compare_runs the same run twice": ("scripts.compare_runs", ["{good_run}", "{good_run}/log.jsonl", "--out", "{root}/c.png"],
+                                        "are the same run"),
     "base_eval bad meta.json": ("scripts.base_eval", ["--run-dir", "{bad_ckpt}", "--tokenizer-dir", "{tokenizer}", "--data-dir",
                                                       "{corpus}", "--skip-core", "--device-type", "cpu"],
                                 "meta.json holds no valid model_config"),
@@ -207,9 +215,9 @@ def test_base_train_flag_audit(argv, capsys):
 def test_base_train_sentinels_and_defaults_parse():
     from scripts.base_train import parse_args
     args = parse_args(["--num-iterations", "-1", "--total-batch-size", "-1", "--weight-decay", "-1", "--eval-every", "-1",
-                       "--core-metric-every", "0", "--save-every", "0", "--resume-from-step", "latest"])
+                       "--core-metric-every", "0", "--save-every", "0", "--resume-from-step", "latest", "--run", "r"])
     assert (args.num_iterations, args.weight_decay, args.core_metric_every) == (-1, -1.0, 0)
-    assert parse_args([]).device_batch_size == 32 and parse_args(["--resume-from-step", "12"]).resume_from_step == "12"
+    assert parse_args([]).device_batch_size == 32 and parse_args(["--resume-from-step", "12", "--run", "r"]).resume_from_step == "12"
 
 
 @pytest.mark.parametrize("module,argv", [
@@ -228,3 +236,75 @@ def test_other_entry_points_flag_audit(module, argv, capsys):
     parse = mod.main if module == "nanochat.dataset" else mod.parse_args  # dataset's main parses before it downloads
     err = parse_error(parse, argv, capsys)
     assert argv[-2] in err or argv[0] in err
+
+
+# -----------------------------------------------------------------------------
+# one --help style: every entry point answers --help, and every option shows its default exactly once
+
+def entry_points():
+    """Every module with a __main__ block: scripts/*.py and the package's own (nanochat.dataset)."""
+    found = []
+    for package in ("scripts", "nanochat"):
+        for name in sorted(os.listdir(os.path.join(REPO, package))):
+            if name.endswith(".py") and '__name__ == "__main__"' in open(os.path.join(REPO, package, name)).read():
+                found.append(f"{package}.{name[:-3]}")
+    return found
+
+
+def help_options(text):
+    """[(invocation, help)] of the options in argparse's --help text ('--run RUN', '-h, --help', ...)."""
+    entries, current = [], None
+    for line in text.splitlines():
+        m = re.match(r"^  (-\S.*?)(?:\s{2,}(.*))?$", line)
+        if m:
+            current = [m.group(1), m.group(2) or ""]
+            entries.append(current)
+        elif current is not None and line.startswith("   "):
+            current[1] += " " + line.strip()
+        else:
+            current = None
+    return [tuple(e) for e in entries]
+
+
+def help_problems(text):
+    """What breaks the one help style, one string per problem (empty: none)."""
+    usage = text.split("\n\n")[0]
+    problems = [f"empty default: {line.strip()}" for line in text.splitlines() if "(default: )" in line]
+    for invocation, help in help_options(text):
+        flag = all(" " not in part for part in invocation.split(", "))
+        required = any(re.search(rf"(?:^|\s){re.escape(part.split()[0])}\s", usage) for part in invocation.split(", "))
+        mentions = len(re.findall(r"default:", help, re.IGNORECASE))
+        shown = len(re.findall(r"\(default: [^)\s]", help))
+        if flag or required:
+            if re.search(r"\(default: (False|None)\)", help) or mentions > 1:
+                problems.append(f"{invocation}: a flag/required option with a meaningless default: {help}")
+        elif not (mentions == 1 and shown == 1):
+            problems.append(f"{invocation}: {shown} '(default: ...)' and {mentions} 'default:' (want exactly one): {help}")
+    return problems
+
+
+@pytest.mark.parametrize("module", entry_points())
+def test_help_shows_every_default_once(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    monkeypatch.setenv("COLUMNS", "120")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: "found in sys.modules" (this test imported it)
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    assert e.value.code in (0, None) and out.startswith("usage:"), f"exit {e.value.code}, stdout: {out[:500]}"
+    assert help_options(out), out  # the parser above read the options (at least -h)
+    problems = help_problems(out)
+    assert not problems, "\n".join(problems)
+
+
+def test_help_problems_are_seen():
+    """The checker on argparse's own doubled output and a default left out."""
+    doubled = ("usage: x [-h] [--a A] [--b B] --c C [--d]\n\noptions:\n  -h, --help  show this help message and exit\n"
+               "  --a A       a dir (default: <base>/a) (default: )\n  --b B       a count\n"
+               "  --c C       required (default: None)\n  --d         a flag (default: False)\n")
+    problems = help_problems(doubled)
+    assert len(problems) == 5, problems  # the empty default, --a twice, --b none, --c and --d meaningless
+    good = "usage: x [-h] [--a A] --c C\n\noptions:\n  -h, --help  show this help message and exit\n  --a A       a dir\n" \
+           "              (default: <base>/a)\n  --c C       required\n"
+    assert help_problems(good) == []

@@ -67,3 +67,15 @@ def test_command_line_on_a_cpu_box():
     env["NANOCHAT_KEEP_TORCH"] = "1"
     out = subprocess.run([sys.executable, "scripts/torch_choice.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_help_and_decides_nothing():
+    """`--help` used to be ignored: it printed an install decision, which setup_venv.sh would act on."""
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_KEEP_TORCH"}
+    for cmd in (["scripts/torch_choice.py", "--help"], ["-m", "scripts.torch_choice", "--help"]):
+        out = subprocess.run([sys.executable] + cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.startswith("usage:") and "NANOCHAT_KEEP_TORCH" in out.stdout, out
+        assert "torch==" not in out.stdout and "torch_choice:" not in out.stderr, out
+    out = subprocess.run([sys.executable, "scripts/torch_choice.py", "--cuda", "12.8"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "" and "unrecognized arguments: --cuda 12.8" in out.stderr
