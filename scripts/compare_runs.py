@@ -488,7 +488,8 @@ def plot_runs(runs, verdicts, out_path, warning=""):
 def parse_args(argv=None):
     p = ArgumentParser(description="Compare runs on val bpb vs steps, time and FLOPs; check MFU health.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run directories, log.jsonl files or wandb paths entity/project/run_id (2 or more)")
+    p.add_argument("runs", nargs="+", help="2 or more runs: names under <base>/runs (as base_train printed them), run "
+                   "directories, log.jsonl files or wandb paths entity/project/run_id")
     p.add_argument("--out", default="compare.png", help="where to write the PNG")
     p.add_argument("--force", action="store_true", help="compare even when data signatures differ (prints a loud warning)")
     p.add_argument("--noise-sigmas", type=number(float, low=0.0), default=NOISE_SIGMAS, help="a lead counts when above this many sigmas of the gap's noise")
