@@ -139,3 +139,26 @@ def test_training_forward_stays_graph_break_free():
     idx = torch.randint(0, VOCAB, (2, T))
     loss = compiled(idx, idx)
     torch.testing.assert_close(loss, model(idx, idx))
+
+
+def test_sample_script_prints_the_engines_completions(tmp_path, capsys, tokenizer, tokenizer_dir):
+    """scripts/sample.py on a saved checkpoint: each prompt's text is BOS + prompt through the engine."""
+    from nanochat.checkpoint import save_checkpoint
+    from scripts import sample
+    config = GPTConfig.from_depth(1, vocab_size=tokenizer.vocab_size, sequence_len=T, head_dim=32)
+    model = GPT.build(config, "cpu", seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    save_checkpoint(str(tmp_path / "checkpoints"), 3, model, {}, {"model_config": config.to_dict(), "args": {}})
+    common = ["--run-dir", str(tmp_path), "--tokenizer-dir", tokenizer_dir, "--device-type", "cpu"]
+    texts = ["The capital of France is", "Once"]
+    rows = sample.main(common + ["--prompt", texts[0], "--prompt", texts[1], "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    want = engine.generate(model, tokenizer.encode(texts, prepend_bos=True), 12, stop_token=tokenizer.bos_token_id)
+    assert rows == want and all(len(r) > 0 for r in rows)
+    for text, row in zip(texts, rows):
+        assert text + tokenizer.decode(row) in out
+    assert out.count("--- prompt ") == 2
+    with pytest.raises(SystemExit, match="sample: a prompt of .* sequence_len 64"):
+        sample.main(common + ["--prompt", texts[0], "--max-new-tokens", "64"])
