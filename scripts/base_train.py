@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat import scaling
+from nanochat import memory_plan, scaling
 from nanochat.checkpoint import (CheckpointError, checkpoint_bytes, free_bytes, list_steps, load_meta, load_model_weights,
                                  load_rank_state, resolve_step, save_checkpoint, step_dir)
 from nanochat.cli import ArgumentParser, number, run_main
@@ -73,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--target-param-data-ratio", type=number(float, low=1e-6), default=scaling.DEFAULT_PARAM_DATA_RATIO,
                    help="training tokens per Kaplan-style parameter")
     # batch
-    p.add_argument("--device-batch-size", type=count, default=32, help="sequences per device per micro-step")
+    batch_or_auto = lambda text: 0 if text == "auto" else count(text)  # 0: auto, resolved by main() once the model exists
+    p.add_argument("--device-batch-size", type=batch_or_auto, default=32,
+                   help="sequences per device per micro-step; 'auto': the largest power of two whose memory plan "
+                        "(nanochat/memory_plan.py, with its margin) fits the device (system RAM on CPU)")
     p.add_argument("--total-batch-size", type=auto_count, default=-1, help="tokens per optimizer step (-1: B_opt from the scaling law)")
     # optimizer
     p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
@@ -364,9 +367,13 @@ def dry_run(args):
         vocab_size, vocab_from = 32768, "no tokenizer found: the speedrun's default"
     with torch.device("meta"):
         model = GPT(build_config(args, vocab_size))
+    args.device_batch_size, plan_lines = memory_plan.plan_device_batch(  # also resolves --device-batch-size auto
+        model, args.device_batch_size, args.total_batch_size, args.dry_run, args.fp8, memory_plan.target_compute_dtype(),
+        memory_plan.default_device())
     hp = resolve_hyperparameters(args, model, args.dry_run)
     print(f"dry run: {args.dry_run} rank(s), vocab {vocab_size} ({vocab_from})")
     print("resolved hyperparameters:\n" + format_table(hp))
+    print("\n".join(plan_lines))
     return hp
 
 
@@ -387,6 +394,10 @@ def main(argv=None):
 
     model = build_model(args, tokenizer.vocab_size, device)
     config = model.config
+    if args.device_batch_size == 0:  # --device-batch-size auto: the largest power of two whose memory plan fits
+        args.device_batch_size, plan_lines = memory_plan.plan_device_batch(
+            model, 0, args.total_batch_size, world_size, args.fp8, COMPUTE_DTYPE, device)
+        print0("\n".join(plan_lines))
     hp = resolve_hyperparameters(args, model, world_size)
     optimizer = build_optimizer(model, hp, args)
     scaler = DynamicLossScaler(enabled=COMPUTE_DTYPE == torch.float16)

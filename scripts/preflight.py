@@ -14,6 +14,9 @@ worst status over ranks, so every rank exits with the same code: 1 on any FAIL, 
 Checks (small functions returning Rows, so tests call them with injected faults):
 - hardware:   GPU model, SM, memory, driver; torch/CUDA/NCCL; COMPUTE_DTYPE and why; MFU peak
 - tokenizer and run plan: the tokenizer loads and round-trips text; base_train's resolved run
+  (--device-batch-size auto resolved as base_train resolves it: the "batch auto" row)
+- memory plan: one rank's training step traced on fake tensors (nanochat/memory_plan.py) against the
+              device's memory with the plan's margin (system RAM on CPU, where not fitting only WARNs)
 - attention:  FlashAttention present (on a GPU without it: what SDPA's dense window masks cost,
               FAIL on several GPUs unless --window-pattern L); for every window of the pattern, forward and
               backward of the backend training will use against a reference (FA3 vs SDPA on
@@ -42,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import attention as attn
+from nanochat import memory_plan
 from nanochat.checkpoint import list_steps
 from nanochat.cli import ArgumentParser, number
 from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, across_ranks, cleanup_dist, get_base_dir, init_dist,
@@ -210,6 +214,36 @@ def check_run_plan(args, vocab_size, world_size):
                 f"d{hp['depth']} (width {hp['width']}, {count(hp['params_scaling'])} scaling params), {hp['num_iterations']:,} steps "
                 f"x {hp['total_batch_tokens']:,} tokens = {count(hp['training_tokens'])} tokens ({hp['tokens_per_param']:.1f} per "
                 f"param), {hp['grad_accum_steps']} micro-steps of {args.device_batch_size}x{args.max_seq_len} per rank")], (model, hp)
+
+
+def resolve_auto_batch(args, vocab_size, world_size, device):
+    """--device-batch-size auto: the batch base_train would pick (every rank traces the same plan); its row."""
+    with torch.device("meta"):
+        model = GPT(base_train.build_config(args, vocab_size))
+    try:
+        args.device_batch_size, lines = memory_plan.plan_device_batch(
+            model, 0, args.total_batch_size, world_size, args.fp8, memory_plan.target_compute_dtype(), device)
+    except SystemExit as e:  # not even batch 1 fits: the message says what to change
+        return [Row("batch auto", FAIL, str(e))]
+    return [Row("batch auto", PASS, lines[-1])]
+
+
+def check_memory_plan(model, args, world_size, device, master):
+    """One rank's training step traced on fake tensors (nanochat/memory_plan.py) against the device's memory.
+
+    On CPU the device memory is the system RAM. Rank 0 traces (every rank runs the same step)."""
+    if not master:
+        return [Row("memory plan", SKIP, "rank 0 plans for every rank")]
+    device_bytes, what = memory_plan.device_memory_bytes(device)
+    total = memory_plan.total_batch_tokens(model, args.total_batch_size)
+    accum = max(1, total // (args.device_batch_size * args.max_seq_len * world_size))
+    plan = memory_plan.plan_training_step(model.config, args.device_batch_size, world_size, args.fp8,
+                                          memory_plan.target_compute_dtype(), accum)
+    message = f"{plan.summary()}; {what}: {gib(device_bytes)}"
+    if plan.fits(device_bytes):
+        return [Row("memory plan", PASS, message)]
+    fix = "lower --device-batch-size (the total batch stays, with more accumulation) or pass --device-batch-size auto"
+    return [Row("memory plan", FAIL if device.type == "cuda" else WARN, f"{message}: does not fit; {fix}")]
 
 
 # -----------------------------------------------------------------------------
@@ -688,12 +722,17 @@ def run_checks(own, args, dist_info):
     tok_rows, tokenizer = check_tokenizer(args.tokenizer_dir)
     rows += tok_rows
     vocab_size = tokenizer.vocab_size if tokenizer else DEFAULT_VOCAB
+    if args.device_batch_size == 0:
+        rows += guarded(["batch auto"], resolve_auto_batch, args, vocab_size, world_size, device)
+        if args.device_batch_size == 0:  # the plan found no batch that fits: nothing below can run
+            return rows
     plan_rows, plan = check_run_plan(args, vocab_size, world_size)
     if tokenizer is None:
         plan_rows = [r._replace(message=f"{r.message} (vocab {DEFAULT_VOCAB:,} assumed: no tokenizer)") for r in plan_rows]
     rows += plan_rows
     model, hp = plan or (None, None)
     if model is not None:
+        rows += guarded(["memory plan"], check_memory_plan, model, args, world_size, device, dist_info.is_master)
         rows += guarded(["flash attention"], check_flash_attention, device, COMPUTE_DTYPE, model, world_size)
         rows += guarded(["attention"], check_attention_windows, device, COMPUTE_DTYPE, model.config)
     rows += guarded(["fp8"], check_fp8, device, args.fp8, model.config.n_embd if model else 768)

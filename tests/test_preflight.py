@@ -50,7 +50,7 @@ def parse_table(stdout):
 
 
 EXPECTED_CPU = {"gpu": SKIP, "software": PASS, "compute dtype": PASS, "peak flops": PASS, "tokenizer": PASS, "run plan": PASS,
-                "flash attention": SKIP, "attention w=64": PASS, "fp8": SKIP, "throughput": PASS, "projection": PASS,
+                "memory plan": PASS, "flash attention": SKIP, "attention w=64": PASS, "fp8": SKIP, "throughput": PASS, "projection": PASS,
                 "data": PASS, "loader": PASS, "disk": PASS, "run dir": PASS, "wandb": PASS}
 
 
@@ -160,6 +160,35 @@ def test_corrupted_collective_fails(one_rank_group, monkeypatch):
 def tiny_plan(extra=()):
     own, args = preflight.parse_args(TINY + list(extra))
     return args, preflight.check_run_plan(args, 2048, 1)
+
+
+def test_memory_plan_row_fits_or_says_what_to_lower(monkeypatch):
+    args = preflight.parse_args(TINY)[1]
+    with torch.device("meta"):
+        model = GPT(base_train_config(args))
+    rows = preflight.check_memory_plan(model, args, 1, CPU, True)
+    assert rows[0].status == PASS and "d2 vocab" in rows[0].message and "system RAM" in rows[0].message
+    monkeypatch.setattr(preflight.memory_plan, "device_memory_bytes", lambda device: (2**30, "a 1 GiB device"))
+    rows = preflight.check_memory_plan(model, args, 1, CPU, True)
+    assert rows[0].status == WARN and "lower --device-batch-size" in rows[0].message
+    rows = preflight.check_memory_plan(model, args, 1, torch.device("cuda"), True)
+    assert rows[0].status == FAIL
+    assert preflight.check_memory_plan(model, args, 2, CPU, False)[0].status == SKIP
+
+
+def test_batch_auto_resolves_or_fails(monkeypatch):
+    args = preflight.parse_args(TINY[:6] + ["--device-batch-size", "auto", "--total-batch-size", "1024"])[1]
+    rows = preflight.resolve_auto_batch(args, 256, 1, CPU)
+    assert rows[0].status == PASS and args.device_batch_size == 16  # 1024 tokens / T 64
+    monkeypatch.setattr(preflight.memory_plan, "device_memory_bytes", lambda device: (2**20, "a 1 MiB device"))
+    args.device_batch_size = 0
+    rows = preflight.resolve_auto_batch(args, 256, 1, CPU)
+    assert rows[0].status == FAIL and "not even one sequence" in rows[0].message
+
+
+def base_train_config(args):
+    from scripts import base_train
+    return base_train.build_config(args, 256)
 
 
 def test_run_plan_with_indivisible_batch_fails():
