@@ -162,3 +162,22 @@ def test_sample_script_prints_the_engines_completions(tmp_path, capsys, tokenize
     assert out.count("--- prompt ") == 2
     with pytest.raises(SystemExit, match="sample: a prompt of .* sequence_len 64"):
         sample.main(common + ["--prompt", texts[0], "--max-new-tokens", "64"])
+
+
+def test_print_samples_batch_equals_each_prompt_alone(capsys, tokenizer):
+    """base_train's samples: one left-padded batch, each row what GPT.generate gives that prompt alone."""
+    from scripts.base_train import print_samples
+    config = GPTConfig.from_depth(1, vocab_size=tokenizer.vocab_size, sequence_len=T, head_dim=32)
+    model = GPT.build(config, "cpu", seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    prompts = ("The capital of France is", "In", "A much longer prompt than the others, to pad them")
+    print_samples(model, tokenizer, prompts)
+    out = capsys.readouterr().out
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend_bos=True)
+        alone = tokenizer.decode(list(model.generate(ids, 16, stop_token=tokenizer.bos_token_id)))
+        assert f"sample: {prompt!r} -> {alone!r}" in out
+    long_text = "word " * 80  # more than the context: complete() cuts the new tokens instead of refusing
+    assert engine.complete(model, tokenizer, ["hi", long_text[:150]], 40)[0] != ""
