@@ -421,6 +421,30 @@ def evaluate_task(model, tokenizer, task, items, device, max_seq_len, max_items=
     return credit.item() / num_scored
 
 
+def shuffled_items(task):
+    """The task's items in the order evaluate_core scores them (and draws few-shot examples from)."""
+    items = load_items(task)
+    random.Random(SHUFFLE_SEED).shuffle(items)  # once per task, so max_per_task takes a fair sample
+    return items
+
+
+def item_predictions(model, tokenizer, task, items, device, max_seq_len, batch_tokens=EVAL_BATCH_TOKENS):
+    """What evaluate_task scores, item by item (all of items, in this process): per item a dict with its
+    candidates [(context, answer)], gold, per candidate mean_loss (nats per answer token) and answer_tokens,
+    and credit. For cross-checks against other harnesses (dev/lm_eval); CORE itself only needs the sums."""
+    rendered = [render_item(task, items, idx) for idx in range(len(items))]
+    seqs = tokenize_pairs(tokenizer, [pair for pairs, _ in rendered for pair in pairs], max_seq_len)
+    mean_loss, greedy_prob = score_sequences(model, seqs, device, batch_tokens)
+    predictions, pos = [], 0
+    for pairs, gold in rendered:
+        span = slice(pos, pos + len(pairs))
+        predictions.append({"candidates": pairs, "gold": gold, "mean_loss": mean_loss[span],
+                            "answer_tokens": [len(ids) - start for ids, start in seqs[span]],
+                            "credit": item_credit(task["icl_task_type"], mean_loss[span], greedy_prob[span], gold)})
+        pos += len(pairs)
+    return predictions
+
+
 def evaluate_core(model, tokenizer, bundle_dir, device, max_seq_len, max_per_task=-1, print_fn=print,
                   batch_tokens=EVAL_BATCH_TOKENS):
     """CORE over every task of the bundle: {"core_metric", "results": {label: acc}, "centered": {label: acc}}.
@@ -431,8 +455,7 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_seq_len, max_per_tas
     results, centered = {}, {}
     for task in load_tasks(bundle_dir):
         t0 = time.time()
-        items = load_items(task)
-        random.Random(SHUFFLE_SEED).shuffle(items)
+        items = shuffled_items(task)
         acc = evaluate_task(model, tokenizer, task, items, device, max_seq_len, max_per_task, batch_tokens)
         label, b = task["label"], task["baseline_acc"]
         results[label], centered[label] = acc, (acc - b) / (1 - b)

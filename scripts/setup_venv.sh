@@ -25,13 +25,13 @@ if [ "$_want" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
         "$_root/.venv/bin/python" -m pip uninstall -y -q torch >/dev/null 2>&1 || true
         $_pip $_torch
     fi
-    $_pip -e "$_root[dev]"
+    $_pip -e "$_root[dev,hf]"
     # prebuilt FA3 fetched from the HF hub at first use (a source build of flash-attn takes an hour).
     # Pinned: kernels >= 0.15 needs the kernel version nanochat/attention.py passes, 0.17 resolves the
     # stable-ABI builds. Without it attention falls back to SDPA, and base_train/preflight say what that costs.
     $_pip "kernels==0.17.2" || echo "setup_venv: 'kernels' did not install; attention will use SDPA"
 else
     $_pip "torch==2.13.0+cpu" 2>/dev/null || $_pip "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-    $_pip -e "$_root[dev]"
+    $_pip -e "$_root[dev,hf]"  # hf: transformers + lm-eval, so the export and lm-eval tests run too
 fi
 export PATH="$_root/.venv/bin:$PATH"
