@@ -70,7 +70,32 @@ def fp8_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale
     """
     a = a.contiguous()
     b = b.t().contiguous().t()
+    if a.device.type == "cpu":
+        with _onednn_off():
+            return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                                    use_fast_accum=use_fast_accum)
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+
+@contextmanager
+def _onednn_off():
+    """torch.backends.mkldnn.enabled = False for the body, then back to what it was.
+
+    Why: CPU torch._scaled_mm sends same-dtype fp8 operands (the e4m3 x e4m3 forward) to oneDNN on
+    any CPU with AMX-INT8 (Intel Sapphire Rapids and later), and that kernel is ~450x slower than
+    torch's own path, which upcasts to fp32 and runs one fp32 matmul (628 ms vs 1.4 ms at
+    256x128 @ 128x512, dev/LOG.md 2026-12-02). This flag is the only switch between the two
+    (aten Blas.cpp, _scaled_mm_out_cpu: `userEnabledMkldnn() && cpuinfo_has_x86_amx_int8()`).
+    Only the enabled flag is touched (torch.backends.mkldnn.flags would also reset deterministic,
+    allow_tf32 and fp32_precision). The fp32 matmul inside does not use oneDNN at the default fp32
+    precision either way.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 @fp8_scaled_mm.register_fake

@@ -140,6 +140,23 @@ def test_scaled_mm_operands_follow_the_cuda_contract(monkeypatch):
     assert calls == [(e4, e4, torch.bfloat16), (e5, e4, torch.bfloat16), (e5, e4, torch.float32)]
 
 
+def test_cpu_scaled_mm_runs_with_onednn_off_and_restores_it(monkeypatch):
+    # oneDNN's CPU fp8 kernel is ~450x slower than torch's own on AMX CPUs (nanochat/fp8.py _onednn_off):
+    # every _scaled_mm call must see oneDNN off, and the caller's setting must be back afterwards
+    seen = []
+    real_scaled_mm = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.enabled)
+        return real_scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    assert torch.backends.mkldnn.enabled
+    layer = Float8Linear(128, 256)
+    layer(torch.randn(32, 128, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    assert seen == [False, False, False] and torch.backends.mkldnn.enabled
+
+
 def test_row_count_not_divisible_by_16_is_refused_for_training_only():
     layer = Float8Linear(128, 128)
     x = torch.randn(1, 7, 128, dtype=torch.bfloat16)
