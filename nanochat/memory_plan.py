@@ -53,8 +53,8 @@ class MemoryPlan:
     def summary(self):
         s = self.shape
         kinds = ", ".join(f"{k.lower()} {_gib(v)}" for k, v in self.by_kind.items() if v >= 2**20)
-        return (f"d{s['depth']} vocab {s['vocab_size']:,} T {s['seq_len']} batch {s['device_batch_size']} x "
-                f"{s['micro_steps']} micro-steps, world {s['world_size']}, {s['compute_dtype']}"
+        return (f"d{s['depth']} vocab {s['vocab_size']:,} T {s['seq_len']} batch {s['device_batch_size']} "
+                f"{'accumulating' if s['micro_steps'] > 1 else 'one micro-step'}, world {s['world_size']}, {s['compute_dtype']}"
                 f"{', fp8' if s['fp8'] else ''}: peak {_gib(self.peak_bytes)} ({kinds}); with margin "
                 f"{_gib(self.required_bytes)} (+{PLAN_MARGIN_FRACTION:.0%} + {_gib(PLAN_MARGIN_FIXED_BYTES)})")
 

@@ -72,7 +72,7 @@ def test_dry_run_prints_the_plan_of_a_fixed_batch():
                           "--total-batch-size", "4096", "--device-batch-size", "8", "--dry-run", "2"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "memory plan: d2 vocab" in out.stdout and "batch 8 x 2 micro-steps, world 2" in out.stdout
+    assert "memory plan: d2 vocab" in out.stdout and "batch 8 accumulating, world 2" in out.stdout
 
 
 def test_bad_batch_flag_is_one_line():
