@@ -102,10 +102,10 @@ def trained_export(tmp_path_factory, tokenizer_dir, corpus_dir):
     return checkpoint, root / "hf"
 
 
-def perturbed_checkpoint(root):
+def perturbed_checkpoint(root, sequence_len=SEQ_LEN):
     """GQA (2 heads, 1 kv head), every parameter moved off its init: zero-init projections, smear_lambda 0,
     unit resid lambdas would each hide a mechanism from the comparison."""
-    config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=2048, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=2048, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
     model = GPT.build(config, torch.device("cpu"), seed=0, compute_dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
