@@ -39,7 +39,10 @@ threads_per_rank() {  # threads_per_rank RANKS: OpenMP threads for each of RANKS
 }
 # decided here once; a user's OMP_NUM_THREADS wins. The CPU preset trains in one process.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(threads_per_rank 1)}
-WANDB_RUN=${WANDB_RUN:-dummy}
+# every run gets its own directory (a rerun never meets the last one's checkpoints); WANDB_RUN names it and turns wandb on
+RUN_NAME=${WANDB_RUN:-speedrun-$(date +%Y%m%d-%H%M%S)}
+WANDB_FLAGS=()
+[ -n "${WANDB_RUN:-}" ] && WANDB_FLAGS=(--run "$WANDB_RUN")
 START=$SECONDS
 
 stage() {  # stage NAME CMD...: run a stage, time it, stop everything if it fails
@@ -61,7 +64,7 @@ if [ "$PRESET" = gpu ]; then
     # ---- the reference run: d24, ClimbMix, FP8, undertrained at ratio 8 (RECIPE: the record's
     # command shape; ~8-9.5 reaches the CORE bar sooner than the default 12) ----------------------
     DATA_DIR=$NANOCHAT_BASE_DIR/base_data
-    RUN_DIR=$NANOCHAT_BASE_DIR/runs/speedrun
+    RUN_DIR=$NANOCHAT_BASE_DIR/runs/$RUN_NAME
     stage data-tokenizer python -m nanochat.dataset -n 8 --data-dir "$DATA_DIR"
     # ~170 shards cover the run; they download while the tokenizer trains
     python -m nanochat.dataset -n 170 --data-dir "$DATA_DIR" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
@@ -71,15 +74,15 @@ if [ "$PRESET" = gpu ]; then
     stage data-wait wait $DOWNLOAD_PID
     stage base-train torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_train -- \
         --depth 24 --target-param-data-ratio 8 --fp8 --device-batch-size 16 --data-dir "$DATA_DIR" \
-        --run "$WANDB_RUN" --run-dir "$RUN_DIR" --core-metric-every 2000 --save-every 2000
+        "${WANDB_FLAGS[@]}" --run-dir "$RUN_DIR" --core-metric-every 2000 --save-every 2000
     stage base-eval torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_eval -- \
-        --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" --device-batch-size 16 --run "$WANDB_RUN"
+        --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" --device-batch-size 16
 else
     # ---- the CPU preset: the bundled public-domain sample, a d4 model at T=256, the bundled mini
     # CORE bundle; no network. dev/LOG.md has the measurements behind these numbers. -------------
     DATA_DIR=data/sample
     PRESET_DIR=$NANOCHAT_BASE_DIR/cpu_preset
-    RUN_DIR=$PRESET_DIR/run
+    RUN_DIR=$PRESET_DIR/runs/$RUN_NAME
     export HF_HUB_OFFLINE=1
     # bf16 where the CPU has it in hardware (2.26x faster than fp32 there), else fp32: emulated bf16
     # runs ~50x slower (dev/LOG.md). A user's NANOCHAT_DTYPE wins.
@@ -93,10 +96,10 @@ else
         --warmup-steps 20 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.016 --scalar-lr 2.0 \
         --eval-every 50 --eval-tokens 65536 --core-metric-every 0 --sample-every 0 \
         --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer" \
-        --run "$WANDB_RUN" --run-dir "$RUN_DIR" --save-every -1
+        "${WANDB_FLAGS[@]}" --run-dir "$RUN_DIR" --save-every -1
     stage base-eval python -m scripts.base_eval --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" \
         --tokenizer-dir "$PRESET_DIR/tokenizer" --eval-bundle data/eval_bundle_mini --device-batch-size 16 \
-        --bpb-tokens 65536 --run "$WANDB_RUN"
+        --bpb-tokens 65536
 fi
 echo
 CSV=$(ls -t "$RUN_DIR"/base_eval_step*.csv | head -1)

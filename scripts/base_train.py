@@ -12,8 +12,10 @@ it would read `--run` as its own `--run-path`.)
 
 import argparse
 import gc
+import math
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -24,19 +26,21 @@ from nanochat import memory_plan, scaling
 from nanochat.checkpoint import (CheckpointError, checkpoint_bytes, free_bytes, list_steps, load_meta, load_model_weights,
                                  load_rank_state, resolve_step, save_checkpoint, step_dir)
 from nanochat.cli import ArgumentParser, number, run_main
-from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cleanup_dist, get_base_dir, init_dist, peak_flops,
-                             print0, synchronize)
+from nanochat.common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, across_ranks, cleanup_dist, get_base_dir, init_dist,
+                             peak_flops, print0, synchronize)
 from nanochat.attention import sdpa_window_notice, select_backend
 from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.fp8 import convert_to_fp8, disable_fp8, fp8_supported
 from nanochat.dataset import DataError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.guards import SpikeDetector, TrainingDiverged, check_finite, divergence_hint, nonfinite_loss_ranks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scale import DynamicLossScaler
 from nanochat.mixture import SPEC_HELP, TEXT_COLUMN, check_sources, resolve_sources, shares, val_identity
 from nanochat.preemption import PreemptionHandler
 from nanochat.report import RunLog, diagnose_low_mfu, model_flops_utilization
+from nanochat.runs import RunDirError, RunDirLock, describe_holder, new_run_name, runs_root, timestamp_name
 from nanochat.tokenizer import TokenizerError, get_tokenizer, tokenizer_signature
 
 GC_COLLECT_EVERY = 5000  # NOTES: a collection costs ~500 ms on a long run; do it rarely by hand
@@ -44,8 +48,9 @@ GC_COLLECT_EVERY = 5000  # NOTES: a collection costs ~500 ms on a long run; do i
 # cropped) read in one pass, so a val split smaller than --eval-tokens is counted once, not re-looped.
 # data_signature() is derived from it: runs evaluated another way are never compared.
 VAL_PACKER = "greedy"
-# Bad input the loop can meet (a missing or damaged file, a wrong resume): one line, no traceback.
-BAD_INPUT_ERRORS = (BundleError, CheckpointError, DataError, TokenizerError)
+# Bad input the loop can meet (a missing or damaged file, a wrong resume, a busy run dir) and a diverged run:
+# one line that says what to do, no traceback.
+BAD_INPUT_ERRORS = (BundleError, CheckpointError, DataError, RunDirError, TokenizerError, TrainingDiverged)
 DISK_CHECK_EVERY = 100  # steps between free-space checks (a statfs: cheap, but slow on some network filesystems)
 
 
@@ -56,8 +61,11 @@ def parse_args(argv=None):
     every = number(int, low=-1)  # N > 0: every N steps; -1: only at the end; 0: never (eval: only at the end)
     rate = number(float, low=0.0)
     # run and logging
-    p.add_argument("--run", default="dummy", help="wandb run name; 'dummy' logs only to the local JSONL")
-    p.add_argument("--run-dir", default="", help="where log.jsonl, run.json and checkpoints go (default: <base>/runs/<run or d<depth>>)")
+    p.add_argument("--run", default="", help="the run's name: its directory under <base>/runs and its wandb name; wandb "
+                   "logs only when a name is given (WANDB_MODE=offline/disabled as usual) (default: d<depth>-<start time>, no wandb)")
+    p.add_argument("--run-dir", default="", help="where log.jsonl, run.json and checkpoints go (default: <base>/runs/<run name>)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh on a run dir that holds checkpoints, deleting them "
+                   "(without it such a dir is refused unless --resume-from-step is given)")
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--seed", type=number(int, low=0, high=2**63 - 1), default=42, help="seed for weight init")
     p.add_argument("--data-seed", type=number(int, low=0), default=0, help="permute the train row-group order with this seed (0: file order)")
@@ -109,7 +117,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=every, default=-1, help="checkpoint every N steps (-1: only at the end; 0: never)")
     p.add_argument("--dry-run", type=number(int, low=0), default=0, help="print the resolved hyperparameters of this run on N ranks "
                    "(model on the meta device, no data, no training) and exit; 0: train")
-    p.add_argument("--resume-from-step", default="", help="resume from this checkpoint step of --run-dir, or 'latest'")
+    p.add_argument("--resume-from-step", default="", help="resume from this checkpoint step of the run (--run or --run-dir), or 'latest' (default: start afresh)")
+    p.add_argument("--allow-horizon-change", action="store_true", help="resume with a --num-iterations (or other horizon) "
+                   "different from the checkpoint's: the LR schedule changes from the resumed step on")
     args = p.parse_args(argv)
     if args.fp8 and not args.compile:
         p.error("--fp8 needs --compile 1: without torch.compile the unfused scaling ops make FP8 ~4x slower than bf16")
@@ -119,6 +129,12 @@ def parse_args(argv=None):
         p.error(f"--window-pattern {args.window_pattern!r} must be a non-empty string of S and L, e.g. SSSL")
     if args.resume_from_step not in ("", "latest") and not args.resume_from_step.isdigit():
         p.error(f"--resume-from-step takes a step number or 'latest', got {args.resume_from_step!r}")
+    if args.resume_from_step and not (args.run or args.run_dir):
+        p.error("--resume-from-step needs the run to resume: --run NAME or --run-dir PATH")
+    if args.resume_from_step and args.overwrite:
+        p.error("--overwrite starts afresh and --resume-from-step continues: pass one of them")
+    if args.run and (os.sep in args.run or args.run in (".", "..")):
+        p.error(f"--run {args.run!r} is a name, not a path: pass a path as --run-dir")
     for flag in ("run_dir", "data_dir", "tokenizer_dir"):
         path = getattr(args, flag)
         if path and os.path.exists(path) and not os.path.isdir(path):
@@ -144,7 +160,10 @@ def resolve_hyperparameters(args, model, world_size):
     n_scaling = model.num_scaling_params()
     flops_per_token = model.estimate_flops()
     ratio_tokens = scaling.training_tokens(n_scaling, args.target_param_data_ratio)
-    total_batch = args.total_batch_size if args.total_batch_size > 0 else scaling.optimal_batch_tokens(n_scaling, model.config.vocab_size)
+    shape = dict(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)  # the d12 anchor has the run's own shape
+    n_anchor = scaling.anchor_params(model.config.vocab_size, **shape)
+    total_batch = (args.total_batch_size if args.total_batch_size > 0
+                   else scaling.optimal_batch_tokens(n_scaling, model.config.vocab_size, **shape))
     if args.num_iterations > 0:
         num_iterations, horizon = args.num_iterations, "--num-iterations"
     elif args.target_flops > 0:
@@ -165,7 +184,7 @@ def resolve_hyperparameters(args, model, world_size):
     return {
         "depth": model.config.n_layer, "width": width, "heads": model.config.n_head, "seq_len": model.config.sequence_len,
         "vocab_size": model.config.vocab_size, "params_total": sum(p.numel() for p in model.parameters()),
-        "params_scaling": n_scaling, "flops_per_token": flops_per_token,
+        "params_scaling": n_scaling, "params_d12_anchor": n_anchor, "flops_per_token": flops_per_token,
         "total_batch_tokens": total_batch, "grad_accum_steps": total_batch // tokens_per_micro_step,
         "num_iterations": num_iterations, "horizon_from": horizon,
         "training_tokens": num_iterations * total_batch, "tokens_per_param": num_iterations * total_batch / n_scaling,
@@ -179,7 +198,7 @@ def resolve_hyperparameters(args, model, world_size):
         "wte_lr_effective": args.embedding_lr * lr_scale * (width / 768) ** -0.5,
         "lm_head_lr_effective": args.unembedding_lr * lr_scale * (width / 768) ** -0.5,
         "weight_decay": (args.weight_decay if args.weight_decay >= 0
-                         else scaling.muon_weight_decay(n_scaling, total_batch, model.config.vocab_size)),
+                         else scaling.muon_weight_decay(n_scaling, total_batch, model.config.vocab_size, **shape)),
         "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
     }
 
@@ -206,13 +225,54 @@ def build_config(args, vocab_size):
 
 
 def run_name(args):
-    """The wandb run name, or d<depth> for the dummy (no-wandb) run."""
-    return args.run if args.run != "dummy" else f"d{args.depth}"
+    """--run; else the --run-dir's own name; else d<depth>-<now> (what a run started now would be called)."""
+    if args.run or args.run_dir:
+        return args.run or os.path.basename(os.path.normpath(args.run_dir))
+    return timestamp_name(args.depth)
 
 
-def default_run_dir(args):
+def default_run_dir(args, name=None):
     """--run-dir, else <base>/runs/<run name>."""
-    return args.run_dir or os.path.join(get_base_dir(), "runs", run_name(args))
+    return args.run_dir or os.path.join(runs_root(get_base_dir()), name or run_name(args))
+
+
+def claim_run_dir(args, master):
+    """(name, run dir) of this run. An unnamed run gets a new d<depth>-<start time> dir, created by rank 0 and
+    broadcast (every rank must use the same one), so two unnamed runs never share a directory."""
+    if args.run or args.run_dir:
+        return run_name(args), default_run_dir(args)
+    name = [new_run_name(get_base_dir(), args.depth) if master else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return name[0], default_run_dir(args, name[0])
+
+
+def lock_run_dir(run_dir, args, checkpoint_root, master):
+    """The run's lock (rank 0 holds it; every rank learns the outcome), and the refusal to start afresh on a
+    dir that holds another run's checkpoints. Returns the lock, or None on other ranks."""
+    lock, error = None, ""
+    if master:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+            if lock.took_over:
+                print0(f"note: took over the lock of {run_dir} left by a run that is no longer running "
+                       f"({describe_holder(lock.took_over)})")
+            steps = list_steps(checkpoint_root)
+            if steps and not args.resume_from_step and not args.overwrite:
+                lock.release()
+                error = (f"{run_dir} already holds checkpoints (steps {steps[0]}..{steps[-1]}): continue it with "
+                         f"--resume-from-step latest, start afresh with --overwrite (deletes them), or pick another --run")
+            elif steps and args.overwrite:
+                shutil.rmtree(checkpoint_root)
+                print0(f"--overwrite: deleted the checkpoints of {run_dir} (steps {steps[0]}..{steps[-1]})")
+        except RunDirError as e:
+            error = str(e)
+    errors = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(errors, src=0)
+    if errors[0]:
+        raise RunDirError(errors[0])
+    return lock
 
 
 def build_model(args, vocab_size, device):
@@ -230,8 +290,10 @@ def train_step(model, compiled, optimizer, scaler, batches, grad_accum):
     """One optimizer step over grad_accum micro-batches from the iterator `batches`.
 
     Returns (mean loss tensor, seconds waiting in next(batches), seconds in the optimizer incl.
-    gradient sync, whether the step was skipped for an inf/NaN, mean crop fraction or None when
-    the batches carry no loader statistics). Schedules are set by the caller before it.
+    gradient sync, whether the step was skipped for an inf/NaN gradient (fp16 loss scaling), mean
+    crop fraction or None when the batches carry no loader statistics). Schedules are set by the
+    caller before it. A non-finite loss on any rank raises TrainingDiverged on every rank before the
+    optimizer runs: the weights stay as they were after the previous step.
     """
     device = next(model.parameters()).device
     data_wait_s, crop, loss_sum = 0.0, 0.0, 0.0
@@ -246,6 +308,10 @@ def train_step(model, compiled, optimizer, scaler, batches, grad_accum):
         scaler.scale_loss(loss / grad_accum).backward()
     synchronize(device)
     t0 = time.perf_counter()
+    bad_ranks = nonfinite_loss_ranks(loss_sum)  # the loop already waits for backward here: no extra sync
+    if bad_ranks:
+        model.zero_grad(set_to_none=True)
+        raise TrainingDiverged(", ".join(f"{kind} on rank {rank}" for rank, kind in bad_ranks.items()))
     found_inf = scaler.unscale_and_check(model.parameters())
     if not found_inf:
         optimizer.step()
@@ -289,6 +355,50 @@ def resume_command(run_dir, step, argv=None):
     else:
         launcher = f"torchrun --nnodes={world // local} --nproc_per_node={local} <this run's rendezvous flags> -m scripts.base_train --"
     return f"{launcher} {shlex.join(kept)}"
+
+
+def check_resumed_horizon(meta, hp, step, args, ckpt_dir):
+    """A resume with another horizon changes the LR schedule from here on (and a finished run would train
+    again): allowed only when asked for, and never to a horizon the checkpoint is already past."""
+    saved = meta.get("hyperparameters", {}).get("num_iterations")
+    new = hp["num_iterations"]
+    if saved is None or saved == new:
+        return
+    if not args.allow_horizon_change:
+        raise CheckpointError(f"{ckpt_dir} was saved by a run of {saved} steps and this one has {new} "
+                              f"({hp['horizon_from']}): pass the same horizon flags, or --allow-horizon-change to "
+                              "continue with the new horizon (the LR schedule changes from the resumed step on)")
+    if step > new:
+        raise CheckpointError(f"{ckpt_dir} is at step {step}, past the new horizon of {new} steps: pick a larger one")
+    print0(f"horizon changed on resume: {saved} -> {new} steps (--allow-horizon-change)")
+
+
+def optimizer_tensors(optimizer_state):
+    """(name, tensor) for every tensor of an optimizer state_dict (the finite check before a save)."""
+    return [(f"optimizer state {i}.{k}", v) for i, st in optimizer_state["state"].items()
+            for k, v in st.items() if torch.is_tensor(v)]
+
+
+def diverged_message(step, what, checkpoint_root, run_dir, args):
+    """The one line a diverged run ends with: where, what, the last good checkpoint and how to go on."""
+    steps = list_steps(checkpoint_root)
+    if steps:
+        go_on = (f"last good checkpoint: step {steps[-1]} ({step_dir(checkpoint_root, steps[-1])}); {divergence_hint(args)}, "
+                 f"then resume with: {resume_command(run_dir, steps[-1])}")
+    else:
+        go_on = f"no checkpoint was saved (--save-every); {divergence_hint(args)}, then start again"
+    return f"diverged at step {step}: {what} — {go_on}"
+
+
+def format_duration(seconds):
+    """Seconds below a minute, minutes below an hour, then hours: a 20 s run does not print 0.0m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}m" if seconds < 3600 else f"{seconds / 3600:.2f}h"
+
+
+def format_bpb(bpb):
+    return f"{bpb:.4f}" if math.isfinite(bpb) else "n/a (no evaluation ran)"
 
 
 def disk_space_warning(checkpoint_root, need_bytes):
@@ -385,6 +495,11 @@ def main(argv=None):
     dist_info = init_dist(args.device_type or None)
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
     master = dist_info.is_master
+    # the run's name and dir first: a second run on a busy dir stops before it builds anything
+    name, run_dir = claim_run_dir(args, master)
+    checkpoint_root = os.path.join(run_dir, "checkpoints")
+    run_lock = lock_run_dir(run_dir, args, checkpoint_root, master)
+    print0(f"run {name} | run dir {run_dir}")
 
     # tokenizer and data: fail before building anything if either is missing
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
@@ -408,9 +523,6 @@ def main(argv=None):
         print0(f"FP8: {convert_to_fp8(model)} linears converted to tensorwise-scaled Float8Linear ({why})")
     compiled = torch.compile(model, dynamic=False) if args.compile else model
 
-    run_dir = default_run_dir(args)
-    checkpoint_root = os.path.join(run_dir, "checkpoints")
-
     # state of the loop itself: everything a resume needs besides model, optimizer and loader
     loop = {"step": 0, "total_training_time": 0.0, "smooth_loss": 0.0, "min_val_bpb": float("inf")}
     loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split="train", data=sources,
@@ -432,7 +544,16 @@ def main(argv=None):
                                   f"({os.path.join(run_dir, 'run.json')} lists them)") from None
         scaler.load_state_dict(state["scaler"])
         loop = meta["loop_state"]
+        check_resumed_horizon(meta, hp, loop["step"], args, ckpt_dir)
         print0(f"resumed from {ckpt_dir} at step {loop['step']}")
+        if loop["step"] == hp["num_iterations"]:
+            print0(f"the run already finished at step {loop['step']} (min val bpb {format_bpb(loop['min_val_bpb'])}): "
+                   f"nothing to train; evaluate it with: python -m scripts.base_eval --run-dir {run_dir}")
+            if run_lock:
+                run_lock.release()
+            loader.close()
+            cleanup_dist()
+            return loop
 
     eval_tokens_per_step = args.device_batch_size * args.max_seq_len * world_size
     eval_steps = max(1, args.eval_tokens // eval_tokens_per_step)
@@ -443,7 +564,7 @@ def main(argv=None):
     if window_notice:  # loud: this silently costs a GPU run time (and money) otherwise
         print0(f"WARNING: {window_notice}. Install FA3 (scripts/setup_venv.sh) or pass --window-pattern L.")
     print0(f"peak FLOP/s per device: {peak:.3e} ({peak_source})" if peak else f"peak FLOP/s unknown ({peak_source}): MFU not reported")
-    print0(f"world size {world_size} | device {device} | run dir {run_dir}")
+    print0(f"world size {world_size} | device {device}")
     print0("data: " + ", ".join(f"{s.name} ({s.location}, {share:.1%} of the tokens)"
                                 for s, share in zip(sources, shares(sources))))
     print0("resolved hyperparameters:\n" + format_table(hp))
@@ -452,7 +573,7 @@ def main(argv=None):
                 "data_signature": data_signature(args, tokenizer, sources, eval_steps * eval_tokens_per_step),
                 "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                            "world_size": world_size, "peak_flops": peak, "attention": attn_backend}}
-    log = RunLog(run_dir, run_name(args), run_info, use_wandb=args.run != "dummy",
+    log = RunLog(run_dir, name, run_info, use_wandb=bool(args.run),
                  resume_step=loop["step"] if args.resume_from_step else None, enabled=master)
 
     warm_up(compiled, model, optimizer, args, device, scaler)
@@ -475,6 +596,9 @@ def main(argv=None):
     flops_per_token, total_batch = hp["flops_per_token"], hp["total_batch_tokens"]
     recent_mfu = []
     start_step = loop["step"]
+    spikes = SpikeDetector()
+    if args.resume_from_step and "spikes" in state:
+        spikes.load_state_dict(state["spikes"])
 
     def due(every, step):
         """Periodic work at this step? Never at step 0, nor again at the step a resume starts from."""
@@ -484,7 +608,12 @@ def main(argv=None):
         """Collective checkpoint of everything a resume needs; a failed save ends the run with the resume command."""
         meta = {"model_config": config.to_dict(), "args": vars(args), "hyperparameters": hp, "loop_state": loop}
         rank_state = {"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                      "scaler": scaler.state_dict()}
+                      "scaler": scaler.state_dict(), "spikes": spikes.state_dict()}
+        # a gradient can go non-finite while the loss is finite: never write such weights (agreed: saving is collective)
+        bad = check_finite([*model.named_parameters(), *optimizer_tensors(rank_state["optimizer"])])
+        if across_ranks(bad is not None, dist.ReduceOp.MAX):
+            raise TrainingDiverged(diverged_message(step, f"{bad or 'a tensor on another rank'} holds a NaN/inf "
+                                                    "(not saved)", checkpoint_root, run_dir, args))
         try:
             path = save_checkpoint(checkpoint_root, step, model, rank_state, meta, rank, world_size)
         except CheckpointError as e:
@@ -530,7 +659,11 @@ def main(argv=None):
                                  muon_momentum=scaling.muon_momentum(step, num_iterations, args.warmdown_frac))
         synchronize(device)
         t0 = time.perf_counter()
-        train_loss, data_wait_s, optim_s, found_inf, crop = train_step(model, compiled, optimizer, scaler, loader, grad_accum)
+        try:
+            train_loss, data_wait_s, optim_s, found_inf, crop = train_step(model, compiled, optimizer, scaler, loader, grad_accum)
+        except TrainingDiverged as e:  # every rank, same step: the weights are still those of the last step
+            raise TrainingDiverged(diverged_message(step + 1, f"the training loss is {e}; stopped before the optimizer "
+                                                    "step", checkpoint_root, run_dir, args)) from None
         train_loss = train_loss.item()  # syncs the device
         dt = time.perf_counter() - t0
 
@@ -544,14 +677,20 @@ def main(argv=None):
         tok_per_s = total_batch / dt
         mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, world_size)
         done_frac = step / num_iterations
-        eta_s = (num_iterations - step) * loop["total_training_time"] / max(1, step - 1)
+        # the step time so far predicts the rest; before step 2 there is none (step 1 carries the one-off costs)
+        eta = format_duration((num_iterations - step) * loop["total_training_time"] / (step - 1)) if step > 1 else "?"
         mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
+        spike = spikes.update(train_loss)  # this rank's loss (rank 0's is the one printed and logged)
         print0(f"step {step:05d}/{num_iterations:05d} ({done_frac:.1%}) | loss {smooth:.4f} | lrm {lrm:.2f} | "
-               f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text} | eta {eta_s / 60:.1f}m"
+               f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu_text} | eta {eta}"
                + (" | inf: step skipped" if found_inf else ""))
+        if spike:
+            print0(f"WARNING: loss spike at step {step}: {train_loss:.4f} against a median of {spike[0]:.4f} over the last "
+                   f"{SpikeDetector.WINDOW} steps (threshold {spike[1]:.4f}); if they repeat, lower the LRs")
         log.log({"step": step, "train/loss": train_loss, "train/loss_smooth": smooth, "train/lrm": lrm, "train/dt": dt,
                  "train/dt_data": data_wait_s, "train/dt_optim": optim_s, "train/tok_per_sec": tok_per_s,
                  "train/mfu": mfu, "train/crop_fraction": crop, "train/skipped": found_inf,
+                 "train/spike": spike is not None,
                  "total_training_flops": flops_per_token * total_batch * step,
                  "total_training_time": loop["total_training_time"]})
         recent_mfu.append((mfu, data_wait_s / dt, optim_s / dt))
@@ -566,12 +705,14 @@ def main(argv=None):
         stopping = preemption.stop_requested()  # collective: every rank stops after this same step
 
     preemption.uninstall()
-    print0(f"done: {loop['step']} steps, min val bpb {loop['min_val_bpb']:.4f}, "
-           f"training time {loop['total_training_time'] / 60:.2f}m, wall {(time.time() - run_start) / 60:.2f}m")
+    print0(f"done: {loop['step']} steps, min val bpb {format_bpb(loop['min_val_bpb'])}, training time "
+           f"{format_duration(loop['total_training_time'])} (steps after the first), wall {format_duration(time.time() - run_start)}")
     if device.type == "cuda":
         print0(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     log.finish()
     loader.close()
+    if run_lock:
+        run_lock.release()
     cleanup_dist()
     return loop
 

@@ -685,8 +685,8 @@ def check_run_dir(run_dir, resuming):
 # logging
 
 def check_wandb(run, master):
-    if run == "dummy":
-        return [Row("wandb", SKIP, "--run dummy: no wandb, the local log.jsonl only")]
+    if not run:
+        return [Row("wandb", SKIP, "no --run: no wandb, the local log.jsonl only")]
     if not master:
         return [Row("wandb", SKIP, "only rank 0 logs")]
     mode = os.environ.get("WANDB_MODE", "")
@@ -697,10 +697,10 @@ def check_wandb(run, master):
     try:
         import wandb
     except ImportError:
-        return [Row("wandb", FAIL, "wandb is not installed: pip install wandb, or pass --run dummy")]
+        return [Row("wandb", FAIL, "wandb is not installed: pip install wandb, or set WANDB_MODE=disabled")]
     if not wandb.login(prompt=False, verify=False):
-        return [Row("wandb", FAIL, "no wandb credentials, so wandb.init would fail at step 0: run `wandb login` (or set "
-                                   "WANDB_API_KEY), or set WANDB_MODE=offline")]
+        return [Row("wandb", WARN, "no wandb credentials: the run will log offline (upload later with `wandb sync`); "
+                                   "run `wandb login` (or set WANDB_API_KEY) to log online")]
     try:
         wandb.login(prompt=False, verify=True)
     except Exception as e:  # network or a rejected key: both stop the run's logging

@@ -49,12 +49,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nanochat import sweep as stats
+from nanochat.cli import ArgumentParser
 from scripts.compare_runs import AXES, compare_axis, load_run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_OWNED_FLAGS = ("--depth", "--seed", "--data-seed", "--run-dir", "--run")  # set per run by the sweep
 # per run: no CORE, no samples, no checkpoints (a run is cheap to redo; the sweep compares val bpb)
-FIXED_FLAGS = ["--run", "dummy", "--core-metric-every", "0", "--sample-every", "0", "--save-every", "0"]
+FIXED_FLAGS = ["--core-metric-every", "0", "--sample-every", "0", "--save-every", "0"]
 REFERENCE_RATIOS = {"notes (Kaplan-style)": 10.5, "reference default": 12.0, "speedrun": 8.0}
 SIGNATURE_FILE = "sweep_run.json"
 
@@ -556,20 +557,20 @@ def parse_args(argv=None):
     if "--" in argv:
         i = argv.index("--")
         argv, base_flags = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(description="Baseline vs changes over a depth ladder and seeds (paired), or a scaling-law ladder.",
+    p = ArgumentParser(description="Baseline vs changes over a depth ladder and seeds (paired), or a scaling-law ladder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="base_train flags shared by every run go after `--`.")
     p.add_argument("--out", required=True, help="sweep directory (runs/, commands.log, report.txt, sweep.png)")
     p.add_argument("--depths", type=int_list, default=[2, 4, 6], help="depth ladder, e.g. 2,4,6 on CPU or 12,20,24 on GPU")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N per (arm, depth); each sets --seed and --data-seed")
     p.add_argument("--baseline", default="baseline:", help="'NAME: KEY=VALUE --flag value ...' (default: no changes)")
-    p.add_argument("--change", action="append", default=[], help="a change, same form as --baseline; repeat for several")
+    p.add_argument("--change", action="append", default=[], help="a change, same form as --baseline; repeat for several (default: none)")
     p.add_argument("--scaling-law", action="store_true", help="train the baseline at each of --ratios and fit the scaling law")
     p.add_argument("--ratios", type=float_list, default=[2, 4, 8, 16], help="tokens:params ratios for --scaling-law")
     p.add_argument("--trend", choices=sorted(stats.TREND_MODELS), default="log", help="Δ fitted against log10 FLOPs or 1/FLOPs")
     p.add_argument("--devices", default="", help="GPU ids for parallel runs, e.g. 0,1,2,3 (default: one run at a time)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="run each training run with torchrun on this many devices")
-    p.add_argument("--wrap", default="", help="prefix for every run, e.g. 'flock /tmp/nanochat-bench.lock'")
+    p.add_argument("--wrap", default="", help="prefix for every run, e.g. 'flock /tmp/nanochat-bench.lock' (default: none)")
     p.add_argument("--flops-per-s", type=float, default=-1, help="FLOP/s per run for the time estimate (-1: measured)")
     p.add_argument("--assumed-mfu", type=float, default=0.4, help="MFU assumed when the estimate falls back to the device peak")
     p.add_argument("--overhead-s", type=float, default=20.0, help="per-run startup + compile seconds for the estimate")

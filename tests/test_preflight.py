@@ -286,7 +286,7 @@ def test_full_disk_and_unwritable_run_dir_fail(tmp_path):
 
 
 def test_wandb_modes_and_missing_credentials(tmp_path, monkeypatch):
-    assert preflight.check_wandb("dummy", True)[0].status == SKIP
+    assert preflight.check_wandb("", True)[0].status == SKIP
     assert preflight.check_wandb("r", False)[0].status == SKIP
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert preflight.check_wandb("r", True)[0].status == PASS
@@ -298,7 +298,8 @@ def test_wandb_modes_and_missing_credentials(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     row = preflight.check_wandb("r", True)[0]
-    assert row.status == FAIL and "wandb login" in row.message and "WANDB_MODE=offline" in row.message
+    # base_train then logs offline with one warning (report.start_wandb): a WARN, not a FAIL
+    assert row.status == WARN and "wandb login" in row.message and "offline" in row.message
 
 
 def test_merge_takes_the_worst_status_over_ranks():
