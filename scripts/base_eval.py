@@ -47,12 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--skip-core", action="store_true", help="only bits per byte and samples")
     p.add_argument("--bpb-tokens", type=number(int, low=1), default=10 * 2**19, help="tokens per split for bits per byte (at most one pass over the split)")
     p.add_argument("--device-batch-size", type=number(int, low=1), default=32, help="sequences per device for bits per byte")
-    p.add_argument("--data-dir", default="", help="parquet shards (default: the run's own --data if it had "
-                   "one, else $NANOCHAT_DATA_DIR or <base>/base_data)")
+    p.add_argument("--data-dir", default="", help="parquet shards (default: the run's own --data or "
+                   "--data-dir, else $NANOCHAT_DATA_DIR or <base>/base_data)")
     p.add_argument("--data", default="", help=SPEC_HELP.split(" (default:")[0] + " (default: the run's own --data, "
                    "else --data-dir)")
     p.add_argument("--text-column", default="", help="text column of sources that name none (default: the run's, else 'text')")
-    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: <base>/tokenizer)")
+    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
     p.add_argument("--num-sample-tokens", type=number(int, low=0), default=24, help="greedy tokens per sample prompt (0: no samples)")
     p.add_argument("--wandb", action="store_true", help="also log the results to wandb as '<run name>-eval' (offline "
                    "without a login)")
@@ -92,14 +92,20 @@ def load_model(checkpoint_dir, device):
     return model, meta
 
 
+def run_tokenizer(args, meta):
+    """--tokenizer-dir if given, else the one the run was trained with (its --tokenizer-dir), else <base>/tokenizer."""
+    return get_tokenizer(args.tokenizer_dir or meta.get("args", {}).get("tokenizer_dir") or None)
+
+
 def run_sources(args, meta):
-    """The sources to measure bpb on: --data / --data-dir if given, else the run's own --data mixture, else the default dir."""
+    """The sources to measure bpb on: --data / --data-dir if given, else the run's own --data mixture or --data-dir,
+    else the default dir (a run trained on its own data is evaluated on that data's val split without repeating it)."""
     run_args = meta.get("args", {})
     column = args.text_column or run_args.get("text_column") or "text"
     if args.data or args.data_dir:
         sources = resolve_sources(args.data, args.data_dir or None, column)
     else:
-        sources = resolve_sources(run_args.get("data", ""), None, column)
+        sources = resolve_sources(run_args.get("data", ""), run_args.get("data_dir") or None, column)
     check_sources(sources)
     return sources
 
@@ -112,8 +118,9 @@ def main(argv=None):
     checkpoint_root = os.path.join(run_dir, "checkpoints")
     step = resolve_step(checkpoint_root, args.step)
     # every input is checked before the slow work: the tokenizer, the data, the CORE bundle, the weights
-    tokenizer = get_tokenizer(args.tokenizer_dir or None)
-    sources = run_sources(args, load_meta(step_dir(checkpoint_root, step)))
+    meta = load_meta(step_dir(checkpoint_root, step))
+    tokenizer = run_tokenizer(args, meta)
+    sources = run_sources(args, meta)
     bundle = None if args.skip_core else get_eval_bundle(args.eval_bundle or None)
     model, meta = load_model(step_dir(checkpoint_root, step), device)
     if tokenizer.vocab_size != model.config.vocab_size:
