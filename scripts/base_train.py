@@ -155,6 +155,14 @@ def check_device_type(parser, device_type):
 # -----------------------------------------------------------------------------
 # hyperparameters
 
+def resolved_total_batch(args, model):
+    """Tokens per optimizer step: --total-batch-size, else the batch law anchored on the d12 of the run's shape."""
+    if args.total_batch_size > 0:
+        return args.total_batch_size
+    return scaling.optimal_batch_tokens(model.num_scaling_params(), model.config.vocab_size,
+                                        aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
+
+
 def resolve_hyperparameters(args, model, world_size):
     """Every auto value from the scaling laws, with flag overrides. Returns a dict (the printed table)."""
     n_scaling = model.num_scaling_params()
@@ -162,8 +170,7 @@ def resolve_hyperparameters(args, model, world_size):
     ratio_tokens = scaling.training_tokens(n_scaling, args.target_param_data_ratio)
     shape = dict(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)  # the d12 anchor has the run's own shape
     n_anchor = scaling.anchor_params(model.config.vocab_size, **shape)
-    total_batch = (args.total_batch_size if args.total_batch_size > 0
-                   else scaling.optimal_batch_tokens(n_scaling, model.config.vocab_size, **shape))
+    total_batch = resolved_total_batch(args, model)
     if args.num_iterations > 0:
         num_iterations, horizon = args.num_iterations, "--num-iterations"
     elif args.target_flops > 0:
@@ -201,6 +208,18 @@ def resolve_hyperparameters(args, model, world_size):
                          else scaling.muon_weight_decay(n_scaling, total_batch, model.config.vocab_size, **shape)),
         "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
     }
+
+
+def extrapolation_note(hp, args):
+    """A line when the batch and weight-decay laws run far below the d12 anchor they are fitted at, where their
+    values look odd (d2 at vocab 512: WD 18.4, 65k tokens per step) because they are extrapolations; else None."""
+    below = hp["params_d12_anchor"] / hp["params_scaling"]
+    if below < 32 or (args.total_batch_size > 0 and args.weight_decay >= 0):
+        return None
+    return (f"note: this model is {below:.0f}x smaller than the d12 anchor of the batch and weight-decay laws, far "
+            f"below where they were fitted (d12 up): weight_decay {hp['weight_decay']:.3g} and "
+            f"{hp['total_batch_tokens']:,} tokens per step are extrapolations; set --weight-decay / --total-batch-size "
+            "to choose them yourself")
 
 
 def format_table(hp):
@@ -478,11 +497,17 @@ def dry_run(args):
     with torch.device("meta"):
         model = GPT(build_config(args, vocab_size))
     args.device_batch_size, plan_lines = memory_plan.plan_device_batch(  # also resolves --device-batch-size auto
-        model, args.device_batch_size, args.total_batch_size, args.dry_run, args.fp8, memory_plan.target_compute_dtype(),
-        memory_plan.default_device())
+        model, args.device_batch_size, resolved_total_batch(args, model), args.dry_run, args.fp8,
+        memory_plan.target_compute_dtype(), memory_plan.default_device())
     hp = resolve_hyperparameters(args, model, args.dry_run)
+    # the table is for the N ranks of the run, not for this machine: their dtype, as the memory plan traces it
+    target = str(memory_plan.target_compute_dtype()).removeprefix("torch.")
+    if target != hp["compute_dtype"]:
+        hp["compute_dtype"] = f"{target} (the GPU run's; this machine would run {hp['compute_dtype']})"
     print(f"dry run: {args.dry_run} rank(s), vocab {vocab_size} ({vocab_from})")
     print("resolved hyperparameters:\n" + format_table(hp))
+    if extrapolation_note(hp, args):
+        print(extrapolation_note(hp, args))
     print("\n".join(plan_lines))
     return hp
 
@@ -511,7 +536,7 @@ def main(argv=None):
     config = model.config
     if args.device_batch_size == 0:  # --device-batch-size auto: the largest power of two whose memory plan fits
         args.device_batch_size, plan_lines = memory_plan.plan_device_batch(
-            model, 0, args.total_batch_size, world_size, args.fp8, COMPUTE_DTYPE, device)
+            model, 0, resolved_total_batch(args, model), world_size, args.fp8, COMPUTE_DTYPE, device)
         print0("\n".join(plan_lines))
     hp = resolve_hyperparameters(args, model, world_size)
     optimizer = build_optimizer(model, hp, args)
@@ -568,6 +593,8 @@ def main(argv=None):
     print0("data: " + ", ".join(f"{s.name} ({s.location}, {share:.1%} of the tokens)"
                                 for s, share in zip(sources, shares(sources))))
     print0("resolved hyperparameters:\n" + format_table(hp))
+    if extrapolation_note(hp, args):
+        print0(extrapolation_note(hp, args))
 
     run_info = {"args": vars(args), "hyperparameters": hp, "model_config": config.to_dict(),
                 "data_signature": data_signature(args, tokenizer, sources, eval_steps * eval_tokens_per_step),

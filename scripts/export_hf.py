@@ -1,7 +1,7 @@
 """Export a checkpoint to a folder that 🤗 transformers loads offline, and optionally push it to the Hub.
 
-python -m scripts.export_hf --run-dir ~/.cache/nanochat/runs/d24 --out hf/d24          # latest step
-python -m scripts.export_hf --run-dir ... --step 5000 --out hf/d24 --push-to-hub user/nanochat-d24
+python -m scripts.export_hf --run my-run --out hf/my-run          # latest step (--run-dir PATH works too)
+python -m scripts.export_hf --run my-run --step 5000 --out hf/my-run --push-to-hub user/nanochat-d24
 
 The folder holds model.safetensors (fp32, gpt.py's parameter names), config.json (with auto_map to
 hf_model.py, a copy of nanochat/hf_model.py: transformers' own `nanochat` architecture is another
@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 
 from nanochat.checkpoint import CheckpointError, load_meta, resolve_step, step_dir
 from nanochat.cli import ArgumentParser, number, run_main
-from nanochat.common import get_base_dir
+from nanochat.runs import RunDirError
 from nanochat.tokenizer import TokenizerError, get_tokenizer
+from scripts import base_eval
 from scripts.base_eval import load_model
 
 HF_MODULE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "hf_model.py")
@@ -36,8 +37,10 @@ class ExportError(RuntimeError):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="", help="the training run's directory (default: <base>/runs/d<depth>, needs --depth)")
-    p.add_argument("--depth", type=number(int, low=1), default=20, help="only to find the default run dir")
+    p.add_argument("--run", default="", help="the run, by name under <base>/runs (default: the latest run)")
+    p.add_argument("--run-dir", default="", help="the run, by directory (default: see --run)")
+    p.add_argument("--depth", type=number(int, low=1), default=None,
+                   help="without --run/--run-dir: the latest run of this depth (default: any depth)")
     p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
     p.add_argument("--out", required=True, help="folder to write (created; files in it are overwritten)")
@@ -172,7 +175,7 @@ def push_to_hub(out_dir, repo_id, private=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    run_dir = args.run_dir or os.path.join(get_base_dir(), "runs", f"d{args.depth}")
+    run_dir = base_eval.find_run_dir(args)
     checkpoint_dir = step_dir(os.path.join(run_dir, "checkpoints"), resolve_step(os.path.join(run_dir, "checkpoints"), args.step))
     run_args = load_meta(checkpoint_dir).get("args", {})
     tokenizer = get_tokenizer(args.tokenizer_dir or run_args.get("tokenizer_dir") or None)  # the run's own by default
@@ -184,4 +187,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main, "export_hf", (CheckpointError, TokenizerError, ExportError))
+    run_main(main, "export_hf", (CheckpointError, RunDirError, TokenizerError, ExportError))

@@ -49,7 +49,7 @@ def parse_args(argv=None):
                                                  ".json and .txt are written")
     p.add_argument("--burst-steps", type=number(int, low=1), default=10, help="timed optimizer steps of the burst")
     p.add_argument("--burst-fp8", type=int, default=1, choices=[0, 1], help="the burst trains in FP8 where supported")
-    p.add_argument("--skip", default="", help="comma-separated checks to leave out: attention,fp8,compile,collectives,burst")
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out: attention,fp8,compile,collectives,burst (default: none)")
     return p.parse_args(argv)
 
 

@@ -222,7 +222,8 @@ def resolve_auto_batch(args, vocab_size, world_size, device):
         model = GPT(base_train.build_config(args, vocab_size))
     try:
         args.device_batch_size, lines = memory_plan.plan_device_batch(
-            model, 0, args.total_batch_size, world_size, args.fp8, memory_plan.target_compute_dtype(), device)
+            model, 0, base_train.resolved_total_batch(args, model), world_size, args.fp8, memory_plan.target_compute_dtype(),
+            device)
     except SystemExit as e:  # not even batch 1 fits: the message says what to change
         return [Row("batch auto", FAIL, str(e))]
     return [Row("batch auto", PASS, lines[-1])]
@@ -235,7 +236,7 @@ def check_memory_plan(model, args, world_size, device, master):
     if not master:
         return [Row("memory plan", SKIP, "rank 0 plans for every rank")]
     device_bytes, what = memory_plan.device_memory_bytes(device)
-    total = memory_plan.total_batch_tokens(model, args.total_batch_size)
+    total = base_train.resolved_total_batch(args, model)
     accum = max(1, total // (args.device_batch_size * args.max_seq_len * world_size))
     plan = memory_plan.plan_training_step(model.config, args.device_batch_size, world_size, args.fp8,
                                           memory_plan.target_compute_dtype(), accum)

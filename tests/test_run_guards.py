@@ -175,3 +175,13 @@ def test_unnamed_run_prints_its_dir_and_wandb_without_login_goes_offline(tmp_pat
 def test_small_run_numbers_are_honest():
     assert format_duration(12.3) == "12.3s" and format_duration(150) == "2.5m" and format_duration(7200) == "2.00h"
     assert format_bpb(float("inf")) == "n/a (no evaluation ran)" and format_bpb(1.23456) == "1.2346"
+
+
+def test_dry_run_reports_the_gpu_runs_dtype_and_flags_extrapolated_laws(tmp_path, tokenizer_dir):
+    """--dry-run 8 describes the 8-rank (GPU) run, not this CPU; a d2 model's batch/WD laws are flagged as extrapolated."""
+    out = run(["--depth", "2", "--max-seq-len", "64", "--dry-run", "8", "--tokenizer-dir", tokenizer_dir], tmp_path).stdout
+    assert "compute_dtype        bfloat16 (the GPU run's; this machine would run float32)" in out
+    assert "note: this model is" in out and "extrapolations" in out
+    out = run(["--depth", "2", "--max-seq-len", "64", "--dry-run", "8", "--tokenizer-dir", tokenizer_dir,
+               "--total-batch-size", "4096", "--weight-decay", "0.1", "--device-batch-size", "8"], tmp_path).stdout
+    assert "note: this model is" not in out  # both chosen by hand: nothing to flag
