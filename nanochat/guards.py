@@ -8,8 +8,9 @@
   gradient can go non-finite while the loss is still finite, and the next step's loss would only
   say so after the weights were saved. A checkpoint never holds a NaN or inf.
 - `SpikeDetector`: a step's loss far above its recent level (rule below), logged as a warning.
-  It only reports: a spike that the run survives is information, and a rollback-and-skip was
-  not worth its complexity at the scales measured here (dev/LOG.md, 2026-12-02).
+  It only reports: at the scales measured here no run spiked (1x-32x the default LRs), and the one
+  failure seen, an outright divergence, is the guard's to stop, so a rollback-and-skip had nothing
+  to act on and was not built (dev/LOG.md, 2026-12-02).
 """
 
 import math
@@ -59,12 +60,14 @@ def divergence_hint(args):
 class SpikeDetector:
     """Flags a training loss spike: loss > median + max(K robust sigmas, MIN_EXCESS) over the last WINDOW steps.
 
-    Why this rule: the per-step loss at small batch is noisy (robust sigma ~0.02-0.05 nats here) and
-    falls fast early on, so a fixed ratio to the mean either fires on noise late or misses early;
-    median and MAD (x 1.4826: sigma for Gaussian noise) ignore the spike itself and older outliers.
-    K = 6 and MIN_EXCESS = 0.25 nats gave no false positive in the normal runs of dev/LOG.md
-    (2026-12-02) while catching the spikes of runs at 8x the default LRs. The spike's own loss does
-    not enter the window, so a run that stays high is reported once per step it stays there.
+    Why this rule: the per-step loss at small batch is noisy (robust sigma 0.08-0.4 nats at d4, B = 2048,
+    with step-to-step jumps up to 0.47 nats in healthy runs) and falls fast early on, so a fixed ratio
+    to the mean is either blind early or noisy late; median and MAD (x 1.4826: sigma for Gaussian
+    noise) ignore the spike itself and older outliers, and the threshold scales with the run's own
+    noise. At K = 6 a flagged step sits ~0.5-2 nats above its level: in 700 steps at 1x, 8x and 32x
+    the default LRs nothing was flagged (not even at K = 3), while a 1-nat jump is (dev/LOG.md,
+    2026-12-02). The spike's own loss does not enter the window, so a run that stays high is reported
+    once per step it stays there.
     """
 
     WINDOW, K, MIN_EXCESS = 50, 6.0, 0.25
