@@ -33,16 +33,22 @@ def losses(run_dir):
     return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(run_dir, "log.jsonl")) if "train/loss" in r}
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_is_bit_identical(nproc, tmp_path, tokenizer_dir, corpus_dir):
-    """N steps + save + resume + M steps == N+M straight: same per-step losses, same final weights."""
+@pytest.mark.parametrize("nproc,compile", [(1, 0), (2, 0), (1, 1)])
+def test_resume_is_bit_identical(nproc, compile, tmp_path, tokenizer_dir, corpus_dir):
+    """N steps + save + resume + M steps == N+M straight: same per-step losses, same final weights.
+
+    Compiled: on one thread. With more, inductor's CPU embedding backward (index_put with atomic adds in a
+    parallel loop) sums colliding rows in a varying order, so wte/value-embedding gradients differ by ~1e-7
+    relative between two identical steps in one process, resume or not (dev/LOG.md 2026-12-02)."""
     common = TINY + ["--tokenizer-dir", tokenizer_dir, "--data-dir", corpus_dir, "--num-iterations", "6",
-                     "--total-batch-size", str(4 * 64 * nproc * 2)]  # 2 micro-steps of accumulation
+                     "--total-batch-size", str(4 * 64 * nproc * 2), "--compile", str(compile)]  # 2 micro-steps
+    env = {"OMP_NUM_THREADS": "1"} if compile else None
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(common + ["--run-dir", str(straight), "--save-every", "3"], tmp_path, nproc)
+    run(common + ["--run-dir", str(straight), "--save-every", "3"], tmp_path, nproc, env)
     # the resumed run starts from a copy of the straight run's step-3 checkpoint
     shutil.copytree(straight / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
-    out = run(common + ["--run-dir", str(resumed), "--save-every", "3", "--resume-from-step", "latest"], tmp_path, nproc)
+    out = run(common + ["--run-dir", str(resumed), "--save-every", "3", "--resume-from-step", "latest"], tmp_path,
+              nproc, env)
     assert "resumed from" in out.stdout
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == [1, 2, 3, 4, 5, 6] and sorted(b) == [4, 5, 6]
