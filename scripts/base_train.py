@@ -520,17 +520,17 @@ def main(argv=None):
     dist_info = init_dist(args.device_type or None)
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
     master = dist_info.is_master
-    # the run's name and dir first: a second run on a busy dir stops before it builds anything
-    name, run_dir = claim_run_dir(args, master)
-    checkpoint_root = os.path.join(run_dir, "checkpoints")
-    run_lock = lock_run_dir(run_dir, args, checkpoint_root, master)
-    print0(f"run {name} | run dir {run_dir}")
 
     # tokenizer and data: fail before building anything if either is missing
     tokenizer = get_tokenizer(args.tokenizer_dir or None)
     sources = resolve_sources(args.data, args.data_dir or None, args.text_column)
     check_sources(sources)
     core_bundle = resolve_core_bundle(args)
+    # then the run's name and dir: bad input writes nothing, and a second run on a busy dir stops before building
+    name, run_dir = claim_run_dir(args, master)
+    checkpoint_root = os.path.join(run_dir, "checkpoints")
+    run_lock = lock_run_dir(run_dir, args, checkpoint_root, master)
+    print0(f"run {name} | run dir {run_dir}")
 
     model = build_model(args, tokenizer.vocab_size, device)
     config = model.config

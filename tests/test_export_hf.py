@@ -181,7 +181,11 @@ def test_every_mechanism_exports_exactly(tmp_path, tokenizer, corpus_dir):
 
 
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, tokenizer_dir):
-    result = export_cli(tmp_path / "nope", tokenizer_dir, tmp_path / "hf")
+    result = export_cli(tmp_path / "nope", tokenizer_dir, tmp_path / "hf")  # no such run
+    assert result.returncode == 1 and "export_hf: no run" in result.stderr and "pass --run NAME or --run-dir" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "hf")
+    (tmp_path / "empty").mkdir()  # a run dir without a complete checkpoint
+    result = export_cli(tmp_path / "empty", tokenizer_dir, tmp_path / "hf")
     assert result.returncode == 1 and "export_hf: no complete checkpoint under" in result.stderr
     assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "hf")
 
