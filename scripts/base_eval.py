@@ -71,6 +71,17 @@ def parse_args(argv=None):
     return args
 
 
+def add_checkpoint_flags(p):
+    """--run / --run-dir / --depth / --step / --tokenizer-dir: which checkpoint a tool reads, found as find_run_dir does
+    (scripts.sample and scripts.export_hf)."""
+    p.add_argument("--run", default="", help="the run, by name under <base>/runs (default: the latest run)")
+    p.add_argument("--run-dir", default="", help="the run, by directory (default: see --run)")
+    p.add_argument("--depth", type=number(int, low=1), default=None,
+                   help="without --run/--run-dir: the latest run of this depth (default: any depth)")
+    p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
+    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
+
+
 def find_run_dir(args):
     """--run-dir, else --run by name (or path), else the latest run (of --depth): a RunDirError names what exists."""
     if args.run_dir:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from nanochat.checkpoint import CheckpointError, load_meta, resolve_step, step_dir
-from nanochat.cli import ArgumentParser, number, run_main
+from nanochat.cli import ArgumentParser, run_main
 from nanochat.runs import RunDirError
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from scripts import base_eval
@@ -37,12 +37,7 @@ class ExportError(RuntimeError):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="", help="the run, by name under <base>/runs (default: the latest run)")
-    p.add_argument("--run-dir", default="", help="the run, by directory (default: see --run)")
-    p.add_argument("--depth", type=number(int, low=1), default=None,
-                   help="without --run/--run-dir: the latest run of this depth (default: any depth)")
-    p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
-    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
+    base_eval.add_checkpoint_flags(p)
     p.add_argument("--out", required=True, help="folder to write (created; files in it are overwritten)")
     p.add_argument("--push-to-hub", default="", metavar="REPO", help="also upload the folder to this Hub model repo, needs a token (default: none, no upload)")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")

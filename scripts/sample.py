@@ -30,12 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=number(float, low=0, high=1), default=None,
                    help="draw among the fewest most likely tokens whose probability reaches p (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (a torch.Generator)")
-    p.add_argument("--run", default="", help="the run, by name under <base>/runs (default: the latest run)")
-    p.add_argument("--run-dir", default="", help="the run, by directory (default: see --run)")
-    p.add_argument("--depth", type=number(int, low=1), default=None,
-                   help="without --run/--run-dir: the latest run of this depth (default: any depth)")
-    p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
-    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
+    base_eval.add_checkpoint_flags(p)
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
     args = p.parse_args(argv)
     if args.run and args.run_dir:
