@@ -102,14 +102,21 @@ def lr_multiplier(step, num_iterations, warmup_steps=0, warmdown_frac=0.65, fina
 
 
 def muon_momentum(step, num_iterations=None, warmdown_frac=0.65, start=0.85, end=0.97, ramp_steps=400,
-                  final=0.90):
+                  final=0.90, ramp_first=False):
     """Ramps start -> end over ramp_steps; over the LR warmdown (the last warmdown_frac of
     num_iterations) it then falls linearly to `final` (RECIPE R2), i.e. less averaging as the LR
-    anneals. num_iterations=None: the ramp only."""
+    anneals. num_iterations=None: the ramp only.
+
+    The two overlap in a run shorter than ~1.5 x ramp_steps. Default: the fall starts from wherever the ramp
+    is (a 300-step run ends at `final`). ramp_first=True is the reference's order: the ramp runs its
+    400 steps regardless and the fall applies only after it (a 300-step run ends at 0.94; in a run of
+    ~400-1100 steps the momentum steps down at step 400 to where the fall has got to, as RECIPE reads)."""
     momentum = start + (end - start) * min(1.0, step / ramp_steps)
     if num_iterations is None:
         return momentum
     warmdown_start = num_iterations * (1 - warmdown_frac)
+    if ramp_first and step < ramp_steps:
+        return momentum
     progress = min(1.0, max(0.0, step - warmdown_start) / max(1e-9, num_iterations - warmdown_start))
     return momentum + (final - momentum) * progress
 

@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
+    p.add_argument("--momentum-ramp-first", type=int, default=0, choices=[0, 1],
+                   help="Muon momentum in runs under ~600 steps: 0 = the warmdown's fall to 0.90 starts from wherever the "
+                        "0.85->0.97 ramp is; 1 = the reference's order, the 400-step ramp first (scaling.muon_momentum)")
     # 0, as the March reference: at d4 x 200 steps the old 40-step warmup cost 0.62 nats at step 50 (dev/LOG.md 2026-11-30)
     p.add_argument("--warmup-steps", type=number(int, low=0), default=0, help="linear LR warmup steps (0: full LR from the first step)")
     p.add_argument("--warmdown-frac", type=number(float, low=0.0, high=1.0), default=0.65, help="fraction of training spent in linear warmdown")
@@ -683,7 +686,8 @@ def main(argv=None):
         # ---- one optimizer step -------------------------------------------------
         lrm = scaling.lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_frac, args.final_lr_frac)
         optimizer.update_hparams(lr_multiplier=lrm, weight_decay_multiplier=scaling.weight_decay_multiplier(step, num_iterations),
-                                 muon_momentum=scaling.muon_momentum(step, num_iterations, args.warmdown_frac))
+                                 muon_momentum=scaling.muon_momentum(step, num_iterations, args.warmdown_frac,
+                                                                      ramp_first=bool(args.momentum_ramp_first)))
         synchronize(device)
         t0 = time.perf_counter()
         try:

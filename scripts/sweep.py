@@ -613,8 +613,11 @@ def main(argv=None):
             if status[spec.name] == "done":
                 print(f"  skip (complete) {spec.name}")
         if todo:
-            from nanochat.tokenizer import get_tokenizer
-            vocab = get_tokenizer(_flag_value(base_flags, "--tokenizer-dir")).vocab_size
+            from nanochat.tokenizer import TokenizerNotFound, get_tokenizer
+            try:  # the runs' vocab, for the FLOPs estimate; without a tokenizer every run would fail the same way
+                vocab = get_tokenizer(_flag_value(base_flags, "--tokenizer-dir")).vocab_size
+            except TokenizerNotFound as e:
+                raise SweepError(f"{e} (or pass the runs' --tokenizer-dir after --)") from None
             rate, source = flops_rate(args, done_dirs)
             parallel = len(device_slots(args.devices, args.nproc_per_node))
             total_s, _ = estimate_seconds(todo, base_flags, args, vocab, rate, parallel)

@@ -103,6 +103,8 @@ CASES = {
                                        "log.jsonl cannot be read"),
     "compare_runs out dir missing": ("scripts.compare_runs", ["{good_run}", "{good_run}", "--out", "{missing}/c.png"],
                                      "pass a PNG path in an existing directory"),
+    "sweep no tokenizer": ("scripts.sweep", ["--out", "{root}/sweep", "--depths", "2", "--seeds", "1", "--change",
+                                             "x: --matrix-lr 0.04", "--dry-run"], "no tokenizer at"),
     "dataset -n 0": ("nanochat.dataset", ["-n", "0"], "argument -n/--num-shards: got 0, expected an integer in [1, 6542]"),
     "dataset data-dir is a file": ("nanochat.dataset", ["-n", "1", "--data-dir", "{file}"], "is a file, not a directory"),
 }

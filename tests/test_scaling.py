@@ -113,6 +113,10 @@ def test_momentum_and_wd_schedules():
     assert scaling.muon_momentum(1948, n) == 0.97
     assert scaling.muon_momentum(n - 3619 // 2, n) == pytest.approx(0.935, abs=1e-3)
     assert scaling.muon_momentum(n, n) == pytest.approx(0.90)
+    # a 300-step run: ours falls from the ramp to 0.90; the reference's order (ramp first) ends at 0.94 (issue 26)
+    assert scaling.muon_momentum(300, 300) == pytest.approx(0.90)
+    assert scaling.muon_momentum(300, 300, ramp_first=True) == pytest.approx(0.94)
+    assert scaling.muon_momentum(n, n, ramp_first=True) == scaling.muon_momentum(n, n)  # the same on long runs
     # Muon WD: a cosine from 1 to 0
     assert scaling.weight_decay_multiplier(0, 100) == 1.0
     assert scaling.weight_decay_multiplier(50, 100) == pytest.approx(0.5)
