@@ -6,12 +6,12 @@ Sources (shared NOTES.md, "Model" and "Optimisation"; RECIPE.md for the record r
   (RECIPE, was 10.5), the speedrun undertrains at 8
 - batch (Power Lines): B_opt proportional to D^0.383; at a fixed ratio D/D_ref = N/N_d12, so
   B = 2^19 * (N / N_d12)^0.383 rounded to a power of two, the same for any ratio (2^20 at d24)
-- learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19)
-- Muon weight decay from the T_epoch rule: 0.28 * s_B * N_d12 / N (0.0597 at d24), faded to 0
+- learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19) from there up (the record);
+  below 2^19 with (B / 2^19)^-0.15, the exponent fitted by the LR grid (dev/LOG.md 2026-12-02, issue 26)
+- Muon weight decay from the T_epoch rule: 0.28 * sqrt(B / 2^19) * N_d12 / N (0.0597 at d24), faded to 0
   along a cosine; N_d12, the anchor of both laws, is the d12 model of the run's own aspect ratio and head dim
-- LR: constant from step 0 (no warmup by default), linear warmdown over the last ~65% to 5% of peak.
-  NOTES and the July reference warm up for ~40 steps; the March reference did not, and at d4 / 200 steps
-  the 40-step warmup alone was the whole of its 0.6-nat lead at step 50 (dev/LOG.md, 2026-11-30)
+- LR: the record's 40-step warmup from B = 2^19 up, none below (default_warmup_steps), then constant, then a
+  linear warmdown over the last ~65% to 5% of peak
 - Muon momentum ramps 0.85 -> 0.97 over the first 400 steps, then falls to 0.90 over the warmdown
 """
 
@@ -20,6 +20,9 @@ import math
 REF_DEPTH = 12
 REF_BATCH_TOKENS = 2**19
 BATCH_EXPONENT = 0.383
+RECORD_WARMUP_STEPS = 40  # RECIPE: the record's linear LR warmup, at B = 2^20
+SMALL_BATCH_LR_EXPONENT = -0.15  # below 2^19 tokens per step; fitted by the LR grid (lr_batch_scale)
+SMALLEST_MEASURED_BATCH = 2**11  # the LR grid's smallest batch: the rule is not extrapolated below it
 REF_MUON_WEIGHT_DECAY = 0.28  # at d12, B = 2^19 (RECIPE R1: 0.28, was 0.2)
 DEFAULT_PARAM_DATA_RATIO = 12.0  # RECIPE 1cd94d7 (was 10.5)
 SPEEDRUN_PARAM_DATA_RATIO = 8.0  # RECIPE Run 6: the record undertrains to reach the CORE bar sooner
@@ -65,19 +68,27 @@ def optimal_batch_tokens(num_scaling_params, vocab_size, aspect_ratio=64, head_d
 
 
 def lr_batch_scale(batch_tokens):
-    """Learning rates tuned at 2^19 tokens per step scale with sqrt(B / 2^19)."""
-    return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
+    """The LR factor at B tokens per step (the LR flags are the values at 2^19).
+
+    From 2^19 up: sqrt(B / 2^19), the record's rule, untouched (1.414 at d24's 2^20). Below 2^19:
+    (B / 2^19)^SMALL_BATCH_LR_EXPONENT. The sqrt rule there left small-batch runs far under-trained: the LR grid
+    (dev/lr_grid.py; multiplier x batch 2^11-2^15 x d4/d6, 3 seeds, 2^19 tokens a run) put the best LR at
+    (2^19 / B)^0.65 times the sqrt rule's, i.e. the exponent -0.15 ± 0.01, *above* the 2^19 values: the
+    short horizons a small batch is used for want the larger step. dev/LOG.md 2026-12-02 has the table."""
+    if batch_tokens >= REF_BATCH_TOKENS:
+        return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
+    # held at the smallest batch the grid measured rather than extrapolated below it
+    return (max(batch_tokens, SMALLEST_MEASURED_BATCH) / REF_BATCH_TOKENS) ** SMALL_BATCH_LR_EXPONENT
 
 
 def gate_lr_scale(batch_tokens):
-    """The smear/backout group's LR factor: 1 from 2^19 tokens per step up, sqrt(B / 2^19) below.
+    """The smear/backout group's LR factor: 1 from 2^19 tokens per step up (the record's unscaled 0.2), and
+    lr_batch_scale below, like every other LR.
 
-    RECIPE gives that group a fixed 0.2, "unscaled", tuned at the record's B = 2^20. At small batch
-    every other LR shrinks with sqrt(B / 2^19) while this one stayed at 0.2, 16x hotter relative to
-    the rest at B = 2048: 120 steps, 3 seeds, scaling it gained 0.072 val bpb at d4 and 0.056 at d6
-    and turned the architecture group from a loss into a gain (dev/LOG.md 2026-11-30). At B >= 2^19
-    it is the record's 0.2."""
-    return min(1.0, lr_batch_scale(batch_tokens))
+    RECIPE gives that group a fixed 0.2, "unscaled", tuned at the record's B = 2^20. Left at 0.2 while the
+    other LRs followed the old sqrt(B / 2^19) below 2^19, it was 16x hotter relative to the rest at B = 2048 and
+    cost 0.072 val bpb at d4 and 0.056 at d6 (dev/LOG.md 2026-11-30). The LR grid scaled it with the rest."""
+    return 1.0 if batch_tokens >= REF_BATCH_TOKENS else lr_batch_scale(batch_tokens)
 
 
 def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio=64, head_dim=128):
@@ -87,7 +98,16 @@ def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio
     step count, so they decay less per step. 0.0597 at d24 (B = 2^20); 0.367 at d4 with vocab 4096
     and B = 2048."""
     n_ref = anchor_params(vocab_size, aspect_ratio, head_dim)
-    return REF_MUON_WEIGHT_DECAY * lr_batch_scale(batch_tokens) * n_ref / num_scaling_params
+    # the rule's own sqrt(B / 2^19) at every batch (not lr_batch_scale: the LR grid was measured with this decay)
+    return REF_MUON_WEIGHT_DECAY * math.sqrt(batch_tokens / REF_BATCH_TOKENS) * n_ref / num_scaling_params
+
+
+def default_warmup_steps(batch_tokens):
+    """--warmup-steps' default: the record's 40 steps from 2^19 tokens per step up (RECIPE; the d24 speedrun
+    command gets exactly the record's schedule), none below, where the warmup grid measured it as a cost
+    (dev/LOG.md 2026-12-02) and where the 40-step warmup was once the whole of a 0.6-nat gap at step 50
+    (2026-11-30)."""
+    return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
 
 
 def lr_multiplier(step, num_iterations, warmup_steps=0, warmdown_frac=0.65, final_lr_frac=0.05):

@@ -87,19 +87,20 @@ def parse_args(argv=None):
                         "(nanochat/memory_plan.py, with its margin) fits the device (system RAM on CPU)")
     p.add_argument("--total-batch-size", type=auto_count, default=-1, help="tokens per optimizer step (-1: B_opt from the scaling law)")
     # optimizer
-    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
+    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (x scaling.lr_batch_scale(B): sqrt(B/2^19) from 2^19 up, (B/2^19)^-0.15 below)")
     p.add_argument("--embedding-lr", type=rate, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
     p.add_argument("--unembedding-lr", type=rate, default=0.008, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
-    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x sqrt(B/2^19) below)")
+    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x scaling.lr_batch_scale(B) below)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
     p.add_argument("--momentum-ramp-first", type=int, default=0, choices=[0, 1],
                    help="Muon momentum in runs under ~600 steps: 0 = the warmdown's fall to 0.90 starts from wherever the "
                         "0.85->0.97 ramp is; 1 = the reference's order, the 400-step ramp first (scaling.muon_momentum)")
-    # 0, as the March reference: at d4 x 200 steps the old 40-step warmup cost 0.62 nats at step 50 (dev/LOG.md 2026-11-30)
-    p.add_argument("--warmup-steps", type=number(int, low=0), default=0, help="linear LR warmup steps (0: full LR from the first step)")
+    p.add_argument("--warmup-steps", type=number(int, low=0, also=(-1,)), default=-1,
+                   help="linear LR warmup steps (-1: the record's 40 from 2^19 tokens per step up, 0 below: "
+                        "scaling.default_warmup_steps)")
     p.add_argument("--warmdown-frac", type=number(float, low=0.0, high=1.0), default=0.65, help="fraction of training spent in linear warmdown")
     p.add_argument("--final-lr-frac", type=number(float, low=0.0, high=1.0), default=0.05, help="LR at the end as a fraction of peak")
     # systems
@@ -207,6 +208,7 @@ def resolve_hyperparameters(args, model, world_size):
         # what the AdamW groups get after setup_optimizer's width scale (n/768)^-0.5 (RECIPE's d24 column)
         "wte_lr_effective": args.embedding_lr * lr_scale * (width / 768) ** -0.5,
         "lm_head_lr_effective": args.unembedding_lr * lr_scale * (width / 768) ** -0.5,
+        "warmup_steps": args.warmup_steps if args.warmup_steps >= 0 else scaling.default_warmup_steps(total_batch),
         "weight_decay": (args.weight_decay if args.weight_decay >= 0
                          else scaling.muon_weight_decay(n_scaling, total_batch, model.config.vocab_size, **shape)),
         "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
@@ -684,7 +686,7 @@ def main(argv=None):
             break
 
         # ---- one optimizer step -------------------------------------------------
-        lrm = scaling.lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_frac, args.final_lr_frac)
+        lrm = scaling.lr_multiplier(step, num_iterations, hp["warmup_steps"], args.warmdown_frac, args.final_lr_frac)
         optimizer.update_hparams(lr_multiplier=lrm, weight_decay_multiplier=scaling.weight_decay_multiplier(step, num_iterations),
                                  muon_momentum=scaling.muon_momentum(step, num_iterations, args.warmdown_frac,
                                                                       ramp_first=bool(args.momentum_ramp_first)))

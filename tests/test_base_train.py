@@ -253,4 +253,5 @@ def test_dry_run_prints_the_d24_record_table(tmp_path):
     assert table["matrix_lr"] == "0.02828" and table["muon_lr_6144x1536"] == "0.05657"
     assert table["weight_decay"] == "0.05974" and table["gate_lr"] == "0.2"
     assert table["wte_lr_effective"] == "0.3" and table["lm_head_lr_effective"] == "0.008"
+    assert table["warmup_steps"] == "40"  # the record's warmup (issue 26: the GPU command runs the record's settings)
     assert not (tmp_path / "empty_base").exists() or not any((tmp_path / "empty_base").iterdir())

@@ -200,7 +200,7 @@ BASE_TRAIN_BAD = [["--depth", "0"], ["--aspect-ratio", "0"], ["--head-dim", "-8"
                   ["--max-seq-len", "0"], ["--device-batch-size", "-1"], ["--total-batch-size", "0"],
                   ["--num-iterations", "0"], ["--target-flops", "0"], ["--target-param-data-ratio", "0"],
                   ["--matrix-lr", "-0.1"], ["--embedding-lr", "inf"], ["--unembedding-lr", "nan"], ["--scalar-lr", "x"],
-                  ["--weight-decay", "-0.5"], ["--warmup-steps", "-1"], ["--warmdown-frac", "1.5"],
+                  ["--weight-decay", "-0.5"], ["--warmup-steps", "-2"], ["--warmdown-frac", "1.5"],
                   ["--final-lr-frac", "-0.1"], ["--compile", "2"], ["--eval-every", "-2"], ["--eval-tokens", "0"],
                   ["--core-metric-every", "-5"], ["--core-metric-max-per-task", "0"], ["--sample-every", "-3"],
                   ["--save-every", "-2"], ["--resume-from-step", "last"], ["--window-pattern", ""],

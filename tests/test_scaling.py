@@ -52,7 +52,13 @@ def test_muon_weight_decay_at_the_anchor_and_at_d4():
 
 def test_lr_batch_scale():
     assert scaling.lr_batch_scale(2**19) == 1.0
-    assert scaling.lr_batch_scale(2**21) == 2.0
+    assert scaling.lr_batch_scale(2**20) == 2**0.5 and scaling.lr_batch_scale(2**21) == 2.0  # the record's sqrt rule
+    # below 2^19 the LR grid's exponent (issue 26): gentler than sqrt, so a small batch keeps a useful LR
+    a = scaling.SMALL_BATCH_LR_EXPONENT
+    assert a < 0.5
+    assert scaling.lr_batch_scale(2**13) == pytest.approx(2.0 ** (-6 * a))
+    assert scaling.lr_batch_scale(2**19 - 2**12) == pytest.approx(1.0, abs=0.01)  # continuous at 2^19
+    assert scaling.lr_batch_scale(512) == scaling.lr_batch_scale(2**11)  # not extrapolated below the grid
 
 
 def test_lr_schedule_shape():
@@ -83,13 +89,13 @@ def test_default_lr_schedule_has_no_warmup():
 
 def test_gate_lr_is_the_records_from_2_19_up_and_batch_scaled_below():
     assert scaling.gate_lr_scale(2**20) == 1.0 and scaling.gate_lr_scale(2**19) == 1.0  # RECIPE: 0.2 unscaled
-    assert scaling.gate_lr_scale(2048) == scaling.lr_batch_scale(2048) == 0.0625  # like every other LR below
+    assert scaling.gate_lr_scale(2048) == scaling.lr_batch_scale(2048) != 1.0  # like every other LR below
 
 
 def test_base_train_passes_the_scaled_gate_lr_to_its_group():
     from scripts.base_train import build_optimizer, parse_args, resolve_hyperparameters
     model = GPT(GPTConfig.from_depth(2, vocab_size=256, sequence_len=64, head_dim=32))
-    for batch, expected in ((2048, 0.2 * 0.0625), (2**20, 0.2)):
+    for batch, expected in ((2048, 0.2 * scaling.gate_lr_scale(2048)), (2**20, 0.2)):
         args = parse_args(["--total-batch-size", str(batch), "--device-batch-size", "32", "--max-seq-len", "64",
                            "--num-iterations", "10", "--compile", "0"])
         hp = resolve_hyperparameters(args, model, world_size=1)
@@ -99,9 +105,11 @@ def test_base_train_passes_the_scaled_gate_lr_to_its_group():
         assert group["lr"] == pytest.approx(expected)
 
 
-def test_base_train_defaults_to_no_warmup():
+def test_default_warmup_is_the_records_from_2_19_up_and_none_below():
     from scripts.base_train import parse_args
-    assert parse_args([]).warmup_steps == 0
+    assert parse_args([]).warmup_steps == -1  # resolved from the batch by scaling.default_warmup_steps
+    assert scaling.default_warmup_steps(2**20) == scaling.default_warmup_steps(2**19) == 40  # RECIPE
+    assert scaling.default_warmup_steps(2**19 - 2**12) == scaling.default_warmup_steps(2048) == 0
 
 
 def test_momentum_and_wd_schedules():

@@ -1,0 +1,208 @@
+"""The small-batch LR grid behind scaling.lr_batch_scale (issue 26): LR multiplier x total batch x depth x seed.
+
+    python dev/lr_grid.py run    --out DIR [--batches 11,13,15] [--mults 1,4,16,64] [--depths 4,6] [--seeds 3] -- FLAGS
+    python dev/lr_grid.py warmup --out DIR --warmups 0,40,f0.05 --mult-at 11:16,13:8,15:4 ... -- FLAGS
+    python dev/lr_grid.py report --out DIR [...]      # table (mean ± s.e. over seeds), grid.png, the fitted exponent
+
+Each batch size is one `scripts.sweep` (runs in DIR/b<log2 B>/): one arm per LR multiplier, every LR flag
+(matrix, embedding, unembedding, scalar, gate) times the multiplier; all runs at a batch see the same number
+of tokens (--tokens, so B = 2^15 gets 16x fewer steps than 2^11), paired by seed (init and data order).
+`warmup` repeats it with arms = warmup steps at one multiplier per batch. A multiplier is relative to the LR the
+code under test resolves, and the report reads it as relative to the sqrt rule: the grid in dev/LOG.md ran on
+3fe65d1, the last commit with sqrt(B / 2^19) below 2^19 (`git worktree add /tmp/g 3fe65d1`, run from there).
+
+The fit: at each (B, depth) the best multiplier k* is the vertex of a parabola through the mean final val bpb
+against log2(k) at the best grid point and its two neighbours (the grid point itself at an edge). The rule
+s(B) = (B / 2^19)^alpha below 2^19 (exactly sqrt above) makes k* = (2^19 / B)^(1/2 - alpha) against the sqrt
+rule; alpha is the least-squares fit of log2 k* over all (B, depth).
+"""
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from scripts.sweep import final_val_bpb  # noqa: E402
+
+DEFAULT_LRS = {"--matrix-lr": 0.02, "--embedding-lr": 0.3, "--unembedding-lr": 0.008, "--scalar-lr": 0.5,
+               "--gate-lr": 0.2}  # base_train's defaults at B = 2^19
+
+
+def lr_flags(mult):
+    return " ".join(f"{flag} {value * mult:g}" for flag, value in DEFAULT_LRS.items())
+
+
+def batch_dir(out, log2_batch):
+    return os.path.join(out, f"b{log2_batch}")
+
+
+def sweep(out, log2_batch, arms, args, flags):
+    """One scripts.sweep at batch 2^log2_batch, arms = [(name, flag string)], first = baseline."""
+    steps = args.tokens // 2**log2_batch
+    (base_name, base_flags), *changes = arms
+    argv = [sys.executable, "-m", "scripts.sweep", "--out", out, "--depths", ",".join(map(str, args.depths)),
+            "--seeds", str(args.seeds), "--baseline", f"{base_name}: {base_flags}"]
+    for name, change in changes:
+        argv += ["--change", f"{name}: {change}"]
+    if args.devices:
+        argv += ["--devices", args.devices]
+    argv += ["--", "--total-batch-size", str(2**log2_batch), "--num-iterations", str(steps),
+             "--eval-every", str(steps), *flags, *fitting_device_batch(2**log2_batch, flags)]
+    print(" ".join(argv[1:]), flush=True)
+    subprocess.run(argv, cwd=REPO_ROOT, check=False)
+
+
+def fitting_device_batch(batch_tokens, flags):
+    """[] if the shared --device-batch-size fits in one step of batch_tokens, else the largest that does."""
+    def value(name, default):
+        return int(flags[flags.index(name) + 1]) if name in flags else default
+    seq_len, device_batch = value("--max-seq-len", 2048), value("--device-batch-size", 32)
+    return [] if device_batch * seq_len <= batch_tokens else ["--device-batch-size", str(batch_tokens // seq_len)]
+
+
+def mult_name(mult):
+    return f"lr{mult:g}"
+
+
+def run_grid(args, flags):
+    for b in args.batches:
+        arms = [(mult_name(m), lr_flags(m)) for m in args.mults]
+        sweep(batch_dir(args.out, b), b, arms, args, flags)
+
+
+def run_warmup(args, flags):
+    mult_at = dict(item.split(":") for item in args.mult_at.split(","))
+    for b in args.batches:
+        mult = float(mult_at[str(b)])
+        steps = args.tokens // 2**b
+        arms = [(f"w{w}", f"{lr_flags(mult)} --warmup-steps {resolve_warmup(w, steps)}") for w in args.warmups]
+        sweep(os.path.join(args.out, f"warmup_b{b}"), b, arms, args, flags)
+
+
+def resolve_warmup(spec, steps):
+    """'40' -> 40 steps; 'f0.05' -> 5% of the run's steps."""
+    return max(0, round(float(spec[1:]) * steps)) if spec.startswith("f") else int(spec)
+
+
+def collect(directory, arm, depths, seeds):
+    """{depth: [final val bpb per seed]} of one arm, complete runs only."""
+    found = {}
+    for d in depths:
+        vals = [final_val_bpb(os.path.join(directory, "runs", arm, f"d{d}_s{s}")) for s in range(1, seeds + 1)]
+        found[d] = [v for v in vals if v is not None]
+    return found
+
+
+def best_mult(mults, means):
+    """Parabola vertex in log2(mult) through the best point and its neighbours (the point itself at an edge)."""
+    x = np.log2(mults)
+    i = int(np.argmin(means))
+    if i in (0, len(x) - 1):
+        return mults[i], True
+    a, b, _ = np.polyfit(x[i - 1:i + 2], means[i - 1:i + 2], 2)
+    return 2 ** float(np.clip(-b / (2 * a), x[i - 1], x[i + 1])), False
+
+
+def bpb_at(mults, means, k):
+    """Mean bpb at multiplier k, from the parabola in log2(k) through the three grid points nearest to it."""
+    x = np.log2(mults)
+    idx = np.argsort(np.abs(x - math.log2(k)))[:3]
+    coeffs = np.polyfit(x[idx], means[idx], 2)
+    return float(np.polyval(coeffs, math.log2(k)))
+
+
+def report(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| depth | batch | " + " | ".join(f"LR x{m:g}" for m in args.mults) + " | best multiplier k* |",
+             "|---|---|" + "---|" * len(args.mults) + "---|"]
+    fit_x, fit_y, curves = [], [], []
+    fig, axes = plt.subplots(1, len(args.depths), figsize=(5.5 * len(args.depths), 4), squeeze=False)
+    for j, d in enumerate(args.depths):
+        ax = axes[0][j]
+        for b in args.batches:
+            directory = batch_dir(args.out, b)
+            stats = []
+            for m in args.mults:
+                vals = collect(directory, mult_name(m), [d], args.seeds)[d]
+                stats.append((np.mean(vals), np.std(vals, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0,
+                              len(vals)) if vals else None)
+            done = [(m, s) for m, s in zip(args.mults, stats) if s]
+            if len(done) < 3:
+                continue
+            ms, means = np.array([m for m, _ in done]), np.array([s[0] for _, s in done])
+            k, at_edge = best_mult(ms, means)
+            cells = [f"{s[0]:.4f} ± {s[1]:.4f}" + (f" (n={s[2]})" if s[2] != args.seeds else "") if s else "—"
+                     for s in stats]
+            lines.append(f"| d{d} | 2^{b} | " + " | ".join(cells) + f" | {k:.1f}" + (" (grid edge)" if at_edge else "") + " |")
+            curves.append((d, b, ms, means, k))
+            if not at_edge:
+                fit_x.append(math.log2(2**19 / 2**b))
+                fit_y.append(math.log2(k))
+            ax.errorbar(ms, means, yerr=[s[1] for _, s in done], marker="o", capsize=3, label=f"B = 2^{b}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LR multiplier (x the sqrt(B/2^19) rule)")
+        ax.set_ylabel("final val bpb (mean ± s.e. over seeds)")
+        ax.set_title(f"d{d}, {args.tokens / 2**20:g} Mi tokens per run")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    text = "\n".join(lines)
+    if fit_x:
+        # log2 k* = (1/2 - alpha) * log2(2^19 / B), least squares through the origin (k* = 1 at 2^19)
+        x, y = np.array(fit_x), np.array(fit_y)
+        slope = float(x @ y / (x @ x))
+        resid = y - slope * x
+        se = math.sqrt(float(resid @ resid) / max(1, len(x) - 1) / float(x @ x))
+        text += (f"\n\nfit over {len(x)} interior optima: log2 k* = {slope:.3f} ± {se:.3f} x log2(2^19 / B)"
+                 f"  ->  LR scale (B / 2^19)^alpha with alpha = {0.5 - slope:.3f} ± {se:.3f} (sqrt rule: 0.5)")
+        from nanochat.scaling import SMALL_BATCH_LR_EXPONENT
+        alphas = {"sqrt (old rule, 0.5)": 0.5, "floor (0)": 0.0, f"fit ({0.5 - slope:.2f})": 0.5 - slope,
+                  f"the code's ({SMALL_BATCH_LR_EXPONENT:g})": SMALL_BATCH_LR_EXPONENT}
+        text += "\n\nval bpb above the cell's best (parabola through the three nearest grid points) under each rule:\n"
+        text += "| depth | batch | " + " | ".join(alphas) + " |\n|---|---|" + "---|" * len(alphas)
+        for d, b, ms, means, k in curves:
+            best = bpb_at(ms, means, k)
+            cells = [f"{bpb_at(ms, means, 2.0 ** ((0.5 - a) * (19 - b))) - best:+.4f}" for a in alphas.values()]
+            text += f"\n| d{d} | 2^{b} | " + " | ".join(cells) + " |"
+    png = os.path.join(args.out, "grid.png")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(text)
+    with open(os.path.join(args.out, "grid.txt"), "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {png} and {os.path.join(args.out, 'grid.txt')}")
+
+
+def main():
+    argv = sys.argv[1:]
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["run", "warmup", "report"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[11, 13, 15],
+                   help="log2 of the total batch sizes")
+    p.add_argument("--mults", type=lambda s: [float(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    p.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[4, 6])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=2**20, help="training tokens of every run")
+    p.add_argument("--devices", default="0,1", help="parallel slots (scripts.sweep --devices; on CPU: 2 runs at a time)")
+    p.add_argument("--warmups", type=lambda s: s.split(","), default=["0", "40"], help="warmup steps, or fFRAC of the run")
+    p.add_argument("--mult-at", default="", help="warmup mode: LR multiplier per batch, e.g. 11:16,13:8,15:4")
+    args = p.parse_args(argv)
+    if args.mode == "report":
+        report(args)
+    else:
+        (run_grid if args.mode == "run" else run_warmup)(args, flags)
+
+
+if __name__ == "__main__":
+    main()
