@@ -79,7 +79,7 @@ if [ "$PRESET" = gpu ]; then
         --run-dir "$RUN_DIR" --data-dir "$DATA_DIR" --device-batch-size 16
 else
     # ---- the CPU preset: the bundled public-domain sample, a d4 model at T=256, the bundled mini
-    # CORE bundle; no network; the default LRs and warmup (dev/LOG.md: the measurements behind these numbers). ----
+    # CORE bundle; no network. dev/LOG.md has the measurements behind these numbers. -------------
     DATA_DIR=data/sample
     PRESET_DIR=$NANOCHAT_BASE_DIR/cpu_preset
     RUN_DIR=$PRESET_DIR/runs/$RUN_NAME
@@ -93,6 +93,7 @@ else
     stage tok-eval python -m scripts.tok_eval --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer"
     stage base-train python -m scripts.base_train \
         --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 300 \
+        --warmup-steps 20 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.016 --scalar-lr 2.0 \
         --eval-every 50 --eval-tokens 65536 --core-metric-every 0 --sample-every 0 \
         --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer" \
         "${WANDB_FLAGS[@]}" --run-dir "$RUN_DIR" --save-every -1

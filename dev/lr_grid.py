@@ -8,8 +8,7 @@ Each batch size is one `scripts.sweep` (runs in DIR/b<log2 B>/): one arm per LR 
 (matrix, embedding, unembedding, scalar, gate) times the multiplier; all runs at a batch see the same number
 of tokens (--tokens, so B = 2^15 gets 16x fewer steps than 2^11), paired by seed (init and data order).
 `warmup` repeats it with arms = warmup steps at one multiplier per batch. A multiplier is relative to the LR the
-code under test resolves, and the report reads it as relative to the sqrt rule: the grid in dev/LOG.md ran on
-3fe65d1, the last commit with sqrt(B / 2^19) below 2^19 (`git worktree add /tmp/g 3fe65d1`, run from there).
+code under test resolves, and the report reads it as relative to the sqrt rule (scaling.lr_batch_scale).
 
 The fit: at each (B, depth) the best multiplier k* is the vertex of a parabola through the mean final val bpb
 against log2(k) at the best grid point and its two neighbours (the grid point itself at an edge). The rule
@@ -163,9 +162,7 @@ def report(args):
         se = math.sqrt(float(resid @ resid) / max(1, len(x) - 1) / float(x @ x))
         text += (f"\n\nfit over {len(x)} interior optima: log2 k* = {slope:.3f} ± {se:.3f} x log2(2^19 / B)"
                  f"  ->  LR scale (B / 2^19)^alpha with alpha = {0.5 - slope:.3f} ± {se:.3f} (sqrt rule: 0.5)")
-        from nanochat.scaling import SMALL_BATCH_LR_EXPONENT
-        alphas = {"sqrt (old rule, 0.5)": 0.5, "floor (0)": 0.0, f"fit ({0.5 - slope:.2f})": 0.5 - slope,
-                  f"the code's ({SMALL_BATCH_LR_EXPONENT:g})": SMALL_BATCH_LR_EXPONENT}
+        alphas = {"sqrt (0.5)": 0.5, "floor (0)": 0.0, f"fit ({0.5 - slope:.2f})": 0.5 - slope}
         text += "\n\nval bpb above the cell's best (parabola through the three nearest grid points) under each rule:\n"
         text += "| depth | batch | " + " | ".join(alphas) + " |\n|---|---|" + "---|" * len(alphas)
         for d, b, ms, means, k in curves:

