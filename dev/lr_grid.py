@@ -1,14 +1,12 @@
 """The small-batch LR grid behind scaling.lr_batch_scale (issue 26): LR multiplier x total batch x depth x seed.
 
     python dev/lr_grid.py run    --out DIR [--batches 11,13,15] [--mults 1,4,16,64] [--depths 4,6] [--seeds 3] -- FLAGS
-    python dev/lr_grid.py warmup --out DIR --warmups 0,40,f0.05 --mult-at 11:16,13:8,15:4 ... -- FLAGS
     python dev/lr_grid.py report --out DIR [...]      # table (mean ± s.e. over seeds), grid.png, the fitted exponent
 
 Each batch size is one `scripts.sweep` (runs in DIR/b<log2 B>/): one arm per LR multiplier, every LR flag
 (matrix, embedding, unembedding, scalar, gate) times the multiplier; all runs at a batch see the same number
 of tokens (--tokens, so B = 2^15 gets 16x fewer steps than 2^11), paired by seed (init and data order).
-`warmup` repeats it with arms = warmup steps at one multiplier per batch. A multiplier is relative to the LR the
-code under test resolves, and the report reads it as relative to the sqrt rule (scaling.lr_batch_scale).
+A multiplier is relative to the LR the code resolves, i.e. to the sqrt rule (scaling.lr_batch_scale).
 
 The fit: at each (B, depth) the best multiplier k* is the vertex of a parabola through the mean final val bpb
 against log2(k) at the best grid point and its two neighbours (the grid point itself at an edge). The rule
@@ -73,20 +71,6 @@ def run_grid(args, flags):
     for b in args.batches:
         arms = [(mult_name(m), lr_flags(m)) for m in args.mults]
         sweep(batch_dir(args.out, b), b, arms, args, flags)
-
-
-def run_warmup(args, flags):
-    mult_at = dict(item.split(":") for item in args.mult_at.split(","))
-    for b in args.batches:
-        mult = float(mult_at[str(b)])
-        steps = args.tokens // 2**b
-        arms = [(f"w{w}", f"{lr_flags(mult)} --warmup-steps {resolve_warmup(w, steps)}") for w in args.warmups]
-        sweep(os.path.join(args.out, f"warmup_b{b}"), b, arms, args, flags)
-
-
-def resolve_warmup(spec, steps):
-    """'40' -> 40 steps; 'f0.05' -> 5% of the run's steps."""
-    return max(0, round(float(spec[1:]) * steps)) if spec.startswith("f") else int(spec)
 
 
 def collect(directory, arm, depths, seeds):
@@ -183,7 +167,7 @@ def main():
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["run", "warmup", "report"])
+    p.add_argument("mode", choices=["run", "report"])
     p.add_argument("--out", required=True)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[11, 13, 15],
                    help="log2 of the total batch sizes")
@@ -192,13 +176,11 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=2**20, help="training tokens of every run")
     p.add_argument("--devices", default="0,1", help="parallel slots (scripts.sweep --devices; on CPU: 2 runs at a time)")
-    p.add_argument("--warmups", type=lambda s: s.split(","), default=["0", "40"], help="warmup steps, or fFRAC of the run")
-    p.add_argument("--mult-at", default="", help="warmup mode: LR multiplier per batch, e.g. 11:16,13:8,15:4")
     args = p.parse_args(argv)
     if args.mode == "report":
         report(args)
     else:
-        (run_grid if args.mode == "run" else run_warmup)(args, flags)
+        run_grid(args, flags)
 
 
 if __name__ == "__main__":

@@ -91,15 +91,14 @@ def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio
     step count, so they decay less per step. 0.0597 at d24 (B = 2^20); 0.367 at d4 with vocab 4096
     and B = 2048."""
     n_ref = anchor_params(vocab_size, aspect_ratio, head_dim)
-    # the rule's own sqrt(B / 2^19) at every batch (not lr_batch_scale: the LR grid was measured with this decay)
-    return REF_MUON_WEIGHT_DECAY * math.sqrt(batch_tokens / REF_BATCH_TOKENS) * n_ref / num_scaling_params
+    return REF_MUON_WEIGHT_DECAY * lr_batch_scale(batch_tokens) * n_ref / num_scaling_params
 
 
 def default_warmup_steps(batch_tokens):
     """--warmup-steps' default: the record's 40 steps from 2^19 tokens per step up (RECIPE; the d24 speedrun
-    command gets exactly the record's schedule), none below, where the warmup grid measured it as a cost
-    (dev/LOG.md 2026-12-02) and where the 40-step warmup was once the whole of a 0.6-nat gap at step 50
-    (2026-11-30)."""
+    command gets exactly the record's schedule), none below, where it was measured as a cost: the whole of a
+    0.6-nat gap at step 50 of a d4 x 200-step run, and 0.10 val bpb at d4 in 60-step runs, 3 seeds (dev/LOG.md
+    2026-11-30)."""
     return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
 
 
@@ -127,9 +126,9 @@ def muon_momentum(step, num_iterations=None, warmdown_frac=0.65, start=0.85, end
     momentum = start + (end - start) * min(1.0, step / ramp_steps)
     if num_iterations is None:
         return momentum
-    warmdown_start = num_iterations * (1 - warmdown_frac)
     if ramp_first and step < ramp_steps:
         return momentum
+    warmdown_start = num_iterations * (1 - warmdown_frac)
     progress = min(1.0, max(0.0, step - warmdown_start) / max(1e-9, num_iterations - warmdown_start))
     return momentum + (final - momentum) * progress
 

@@ -35,12 +35,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 def parse_args(argv=None):
     """The flags, each range-checked while parsing: a bad value is one line on stderr before anything is loaded."""
     p = ArgumentParser(description="Evaluate a nanochat base checkpoint: without --run or --run-dir, the latest run's.")
-    p.add_argument("--run", default="", help="the run to evaluate, by name (base_train's --run, or the d<depth>-<time> "
-                   "name it printed) under <base>/runs (default: the latest run)")
-    p.add_argument("--run-dir", default="", help="the run to evaluate, by directory (default: see --run)")
-    p.add_argument("--depth", type=number(int, low=1), default=None,
-                   help="without --run/--run-dir: the latest run of this depth (default: any depth)")
-    p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
+    add_checkpoint_flags(p)
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
     p.add_argument("--max-per-task", type=number(int, low=1, also=(-1,)), default=-1, help="CORE items per task (-1: all)")
     p.add_argument("--eval-bundle", default="", help="CORE bundle: local dir or zip (default: download once to the cache)")
@@ -52,17 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--data", default="", help=SPEC_HELP.split(" (default:")[0] + " (default: the run's own --data, "
                    "else --data-dir)")
     p.add_argument("--text-column", default="", help="text column of sources that name none (default: the run's, else 'text')")
-    p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
     p.add_argument("--num-sample-tokens", type=number(int, low=0), default=24, help="greedy tokens per sample prompt (0: no samples)")
     p.add_argument("--wandb", action="store_true", help="also log the results to wandb as '<run name>-eval' (offline "
                    "without a login)")
     args = p.parse_args(argv)
-    if args.run and args.run_dir:
-        p.error("pass --run NAME or --run-dir PATH, not both")
-    if args.depth is not None and (args.run or args.run_dir):
-        p.error("--depth only picks the latest run of that depth; with --run/--run-dir it would be ignored")
-    if args.step != "latest" and not args.step.isdigit():
-        p.error(f"--step takes a checkpoint step number or 'latest', got {args.step!r}")
+    check_checkpoint_flags(p, args)
     for flag in ("run_dir", "data_dir", "tokenizer_dir"):
         path = getattr(args, flag)
         if path and os.path.exists(path) and not os.path.isdir(path):
@@ -73,13 +62,24 @@ def parse_args(argv=None):
 
 def add_checkpoint_flags(p):
     """--run / --run-dir / --depth / --step / --tokenizer-dir: which checkpoint a tool reads, found as find_run_dir does
-    (scripts.sample and scripts.export_hf)."""
-    p.add_argument("--run", default="", help="the run, by name under <base>/runs (default: the latest run)")
+    (base_eval, scripts.sample, scripts.export_hf); check_checkpoint_flags checks them after parsing."""
+    p.add_argument("--run", default="", help="the run, by name (base_train's --run, or the d<depth>-<time> name it "
+                   "printed) under <base>/runs (default: the latest run)")
     p.add_argument("--run-dir", default="", help="the run, by directory (default: see --run)")
     p.add_argument("--depth", type=number(int, low=1), default=None,
                    help="without --run/--run-dir: the latest run of this depth (default: any depth)")
     p.add_argument("--step", default="latest", help="checkpoint step, or 'latest'")
     p.add_argument("--tokenizer-dir", default="", help="tokenizer (default: the run's own, else <base>/tokenizer)")
+
+
+def check_checkpoint_flags(p, args):
+    """A contradictory or malformed choice of checkpoint is one line (p.error) before anything is loaded."""
+    if args.run and args.run_dir:
+        p.error("pass --run NAME or --run-dir PATH, not both")
+    if args.depth is not None and (args.run or args.run_dir):
+        p.error("--depth only picks the latest run of that depth; with --run/--run-dir it would be ignored")
+    if args.step != "latest" and not args.step.isdigit():
+        p.error(f"--step takes a checkpoint step number or 'latest', got {args.step!r}")
 
 
 def find_run_dir(args):

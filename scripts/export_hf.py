@@ -42,8 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--push-to-hub", default="", metavar="REPO", help="also upload the folder to this Hub model repo, needs a token (default: none, no upload)")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
     args = p.parse_args(argv)
-    if args.step != "latest" and not args.step.isdigit():
-        p.error(f"--step takes a checkpoint step number or 'latest', got {args.step!r}")
+    base_eval.check_checkpoint_flags(p, args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a directory")
     return args

@@ -33,10 +33,7 @@ def parse_args(argv=None):
     base_eval.add_checkpoint_flags(p)
     p.add_argument("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="cuda | cpu | mps (default: autodetect)")
     args = p.parse_args(argv)
-    if args.run and args.run_dir:
-        p.error("pass --run NAME or --run-dir PATH, not both")
-    if args.step != "latest" and not args.step.isdigit():
-        p.error(f"--step takes a checkpoint step number or 'latest', got {args.step!r}")
+    base_eval.check_checkpoint_flags(p, args)
     if args.top_p == 0:
         p.error("--top-p must be > 0 (1 keeps every token)")
     base_train.check_device_type(p, args.device_type)

@@ -156,20 +156,24 @@ finally:
 """
 
 
-def has_user_namespaces(path):
-    return bool(shutil.which("unshare")) and subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {path}"],
-        capture_output=True).returncode == 0
+def mount_namespace(path):
+    """The unshare prefix that may mount a small tmpfs at `path` here: an unprivileged user+mount namespace, else a
+    mount namespace as root (private either way: nothing stays mounted); None if neither works."""
+    for prefix in (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"]):
+        probe = [*prefix, "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {path}"]
+        if shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0:
+            return prefix
+    return None
 
 
 @pytest.mark.parametrize("disk", ["tmpfs", "quota"])
 def test_full_filesystem_fails_in_one_line_with_bytes_and_resume_command(disk, tmp_path, tokenizer, tokenizer_dir,
                                                                         corpus_dir):
     """Two checkpoints fit, the third does not. tmpfs: a real small filesystem mounted in a user+mount
-    namespace (skipped where those are not allowed); quota: the same run with the free space faked from
-    the run dir's size, so the path is tested on every machine."""
-    if disk == "tmpfs" and not has_user_namespaces(tmp_path):
-        pytest.skip("no unprivileged user+mount namespace here to mount a small tmpfs (the quota case still runs)")
+    namespace (as root where user namespaces are not allowed); quota: the same run with the free space faked
+    from the run dir's size, which needs no privileges."""
+    prefix = mount_namespace(tmp_path) if disk == "tmpfs" else None
+    assert disk == "quota" or prefix, "mounting a tmpfs needs unshare with user namespaces, or root: neither works here"
     import torch
     from nanochat.checkpoint import checkpoint_bytes
     from scripts import base_train
@@ -184,7 +188,7 @@ def test_full_filesystem_fails_in_one_line_with_bytes_and_resume_command(disk, t
     if disk == "tmpfs":
         script = ('mount -t tmpfs -o size="$1" tmpfs "$2" && shift 2 && "$@"; rc=$?; '
                   'echo "left: $(ls -A "$0/checkpoints" | tr "\\n" " ")" >&2; exit $rc')
-        command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(run_dir), size,
+        command = [*prefix, "sh", "-c", script, str(run_dir), size,
                    str(run_dir), sys.executable, "-m", "scripts.base_train"]
     else:
         command = [sys.executable, "-c", QUOTA_RUNNER, size, str(run_dir)]
