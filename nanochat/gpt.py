@@ -388,6 +388,13 @@ class GPT(nn.Module):
         e_prev = torch.cat([prev, e[:, :-1]], dim=1)
         return torch.where(has_prev.unsqueeze(-1), e + self._smear_gate(e[..., :SMEAR_CHANNELS]) * e_prev, e)
 
+    def freeze_smear(self):
+        """Leave-one-out of smear (base_train --smear 0): its lambda stays at its init 0 and neither it nor the
+        gate gets a gradient, so the model computes exactly what it would without smear, and still saves,
+        exports and caches as the model it is."""
+        for p in (self.smear_lambda, self.smear_gate.weight):
+            p.requires_grad_(False)
+
     def _smear_gate(self, channels):
         """lambda_s * sigmoid(w . channels): the share of e_{t-1} each token gets, from its first 24 channels."""
         return self.smear_lambda.to(channels.dtype) * torch.sigmoid(self.smear_gate(channels))

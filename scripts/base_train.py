@@ -93,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
     p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x sqrt(B/2^19) below)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
+    p.add_argument("--smear", type=int, default=1, choices=[0, 1], help="smear (1) or its leave-one-out (0: its lambda stays 0, GPT.freeze_smear)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
     p.add_argument("--momentum-ramp-first", type=int, default=0, choices=[0, 1],
@@ -300,7 +301,10 @@ def lock_run_dir(run_dir, args, checkpoint_root, master):
 
 
 def build_model(args, vocab_size, device):
-    return GPT.build(build_config(args, vocab_size), device, seed=args.seed)
+    model = GPT.build(build_config(args, vocab_size), device, seed=args.seed)
+    if not args.smear:
+        model.freeze_smear()
+    return model
 
 
 def build_optimizer(model, hp, args):

@@ -18,8 +18,10 @@ _venv_flags=""
 [ "${NANOCHAT_KEEP_TORCH:-0}" = 1 ] && [ "$_want" = auto ] && _venv_flags="--system-site-packages"
 [ -x "$_root/.venv/bin/python" ] || "$_py" -m venv $_venv_flags "$_root/.venv"
 _pip="$_root/.venv/bin/python -m pip install -q --disable-pip-version-check"
-# _install: pip install "$@" through uv, which unpacks the ~120 packages in ~15 s where pip takes ~3 min
-# on a 2-core AMD EPYC (dev/LOG.md, 2026-12-02). uv does not read pip's configuration, so the find-links,
+# _install: pip install "$@" through uv: a fresh CPU venv in 78 s where pip takes 3 min 26 s on a 2-core AMD
+# EPYC (dev/LOG.md, 2026-12-02). --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE=1 nothing
+# writes .pyc files later, and every process then imports torch from source (the suite took 1.8x as long).
+# uv does not read pip's configuration, so the find-links,
 # indexes, constraints and CA bundle pip is configured with are passed on (unsafe-best-match: pick the
 # best version across them, as pip does). Without uv (it did not install) or if uv fails, pip does it.
 _install() {
@@ -31,7 +33,7 @@ _install() {
                 cert) export SSL_CERT_FILE=$_value ;;
             esac
         done < <("$_root/.venv/bin/python" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.\([a-z-]*\)='\(.*\)'$/\1 \2/p")
-        "$_root/.venv/bin/uv" pip install -q --python "$_root/.venv/bin/python" --index-strategy unsafe-best-match \
+        "$_root/.venv/bin/uv" pip install -q --compile-bytecode --python "$_root/.venv/bin/python" --index-strategy unsafe-best-match \
             ${_flags[@]+"${_flags[@]}"} "$@" && return
     fi
     $_pip "$@"

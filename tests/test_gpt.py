@@ -232,6 +232,31 @@ def test_smear_adds_gated_previous_embedding():
     torch.testing.assert_close(out[:, 1:], e[:, 1:] + gate * e[:, :-1])
 
 
+def test_frozen_smear_stays_off_while_the_rest_trains():
+    """--smear 0 (GPT.freeze_smear): after real optimizer steps the smear lambda and gate are untouched, so
+    every forward equals one with smear bypassed; unfrozen, the same steps move the lambda off 0."""
+    idx = torch.randint(0, 500, (4, 33))
+    lambdas = {}
+    for frozen in (True, False):
+        model = build(small_config())
+        if frozen:
+            model.freeze_smear()
+        gate_before = model.smear_gate.weight.detach().clone()
+        opt = model.setup_optimizer(compiled=False)
+        for _ in range(3):
+            model(idx[:, :-1], idx[:, 1:]).backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+        lambdas[frozen] = model.smear_lambda.item()
+        if frozen:
+            assert torch.equal(model.smear_gate.weight, gate_before)
+            with torch.no_grad():
+                loss = model(idx[:, :-1], idx[:, 1:])
+                model.smear = lambda e, *rest: e
+                assert torch.equal(loss, model(idx[:, :-1], idx[:, 1:]))
+    assert lambdas[True] == 0.0 and lambdas[False] != 0.0, lambdas
+
+
 def test_backout_subtracts_the_mid_depth_residual():
     model = build(GPTConfig.from_depth(4, vocab_size=500, sequence_len=32, head_dim=64))
     perturb_weights(model)

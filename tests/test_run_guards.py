@@ -120,9 +120,13 @@ def test_second_run_on_a_busy_dir_stops_at_once_and_the_first_finishes(tmp_path,
         for line in first.stdout:  # wait until the first run holds the lock (it prints its run dir right after)
             if line.startswith("run "):
                 break
+        # paused, so it still holds the lock when the second run gets there however slow the box (unpaused, a
+        # 40-step d2 run could finish during the second's ~10 s start-up, which then meets its checkpoints)
+        first.send_signal(signal.SIGSTOP)
         t0 = time.time()
         second = run(common + ["--num-iterations", "40"], tmp_path, check=False)
         assert time.time() - t0 < 60
+        first.send_signal(signal.SIGCONT)
         one_line_error(second, "is in use by another run")
         assert f"PID {first.pid}" in second.stderr
         rest = first.stdout.read()
