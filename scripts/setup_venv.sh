@@ -21,9 +21,9 @@ _pip="$_root/.venv/bin/python -m pip install -q --disable-pip-version-check"
 # _install: pip install "$@" through uv: a fresh CPU venv in 78 s where pip takes 3 min 26 s on a 2-core AMD
 # EPYC (dev/LOG.md, 2026-12-02). --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE=1 nothing
 # writes .pyc files later, and every process then imports torch from source (the suite took 1.8x as long).
-# uv does not read pip's configuration, so the find-links,
-# indexes, constraints and CA bundle pip is configured with are passed on (unsafe-best-match: pick the
-# best version across them, as pip does). Without uv (it did not install) or if uv fails, pip does it.
+# uv does not read pip's configuration, so the find-links, indexes, constraints and CA bundle pip is
+# configured with are passed on (unsafe-best-match: the best version across them, as pip picks it).
+# Without uv (it did not install) or if uv fails, pip does it.
 _install() {
     if [ -x "$_root/.venv/bin/uv" ] || $_pip uv >/dev/null 2>&1; then
         local _flags=() _key _value _v
