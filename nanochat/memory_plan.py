@@ -116,12 +116,12 @@ def _storage_by_dtype(tensors):
     return out
 
 
-def _device_peak_tracker(MemTracker):
+def _device_peak_tracker():
     """torch's MemTracker without its per-module peaks, which the plan never reads. Its _update_peak_stats
     walks every module seen so far on every op, O(ops x modules): 43 of the 68 s of a d24 dry run on a
     2-core AMD EPYC. What remains is that function's second half, the device-wide peak the plan reads
     (torch 2.13 distributed/_tools/mem_tracker.py; test_memory_plan checks the plan against real steps)."""
-    from torch.distributed._tools.mem_tracker import _TOTAL_KEY
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class DevicePeakTracker(MemTracker):
         def _update_peak_stats(self, peak_state):
@@ -136,7 +136,6 @@ def _trace(config, device_batch_size, world_size, fp8, compute_dtype, micro_step
     """In this process, with no real process group: the plan (see plan_training_step)."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     from nanochat import attention
 
     fake_pg = world_size > 1
@@ -149,7 +148,7 @@ def _trace(config, device_batch_size, world_size, fp8, compute_dtype, micro_step
         model = _meta_model(config, compute_dtype)
         with FakeTensorMode():
             model, optimizer = _with_optimizer(_materialise_fake(model), fp8)
-            tracker = _device_peak_tracker(MemTracker)
+            tracker = _device_peak_tracker()
             tracker.track_external(model, optimizer)
             with tracker:
                 if micro_steps > 1:  # a later micro-step: every gradient is alive through its forward and backward.
