@@ -52,6 +52,7 @@ class GPTConfig:
     window_pattern: str = "SSSL"
     short_window: int = 0  # 0: a quarter of sequence_len rounded up to a multiple of 128
     softcap: float = 15.0
+    norm_gains: bool = False  # selective RMSNorm scales (PR #830): learnable gains on the pre-MLP and final norms
 
     @classmethod
     def from_depth(cls, depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128, **overrides):
@@ -164,9 +165,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, has_value_embed)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, window, kv_cache=None):
+    def forward(self, x, value_embed, cos, sin, window, kv_cache=None, mlp_norm_gain=None):
         x = x + self.attn(rms_norm(x), value_embed, cos, sin, window, kv_cache)
-        return x + self.mlp(rms_norm(x))
+        h = rms_norm(x)
+        return x + self.mlp(h if mlp_norm_gain is None else h * mlp_norm_gain)
 
 
 # -----------------------------------------------------------------------------
@@ -290,6 +292,13 @@ class GPT(nn.Module):
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
+        if config.norm_gains:
+            if self.compute_dtype == torch.float16:
+                # the fused loss's fp16 chunking bounds each hidden entry by sqrt(n_embd), true only when the
+                # final hidden state is RMS-normed without a gain (_fp16_safe_rows)
+                raise ValueError("norm_gains (--norm-gains 1) does not run in fp16: use bf16 or float32")
+            self.mlp_norm_gains = nn.Parameter(torch.ones(config.n_layer, C))
+            self.final_norm_gain = nn.Parameter(torch.ones(C))
         cos, sin = rotary_tables(config.sequence_len, config.head_dim, device=self.wte.weight.device)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -340,6 +349,8 @@ class GPT(nn.Module):
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.smear_lambda.fill_(0.0)
         self.backout_lambda.fill_(0.2)
+        for gain in self.norm_gain_params():
+            gain.fill_(1.0)  # unit gains: the model starts exactly as it would without them
         self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.head_dim, self.wte.weight.device)
 
     def hidden_states(self, idx, cache=None):
@@ -362,17 +373,26 @@ class GPT(nn.Module):
         x = self.smear(e) if cache is None else self.smear(e, cache.prev_embed, positions > 0)
         x0 = x  # taken after smearing: every layer's x0 mix carries the bigram signal too
         backout_layer, mid = self.config.n_layer // 2, None
+        mlp_gains = self.mlp_norm_gains.to(dtype) if self.config.norm_gains else [None] * self.config.n_layer
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i], None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            x = block(x, ve, cos, sin, self.window_sizes[i], layer_cache, mlp_gains[i])
             if i == backout_layer:
                 mid = x
         if cache is not None:
             cache.advance(T, e[:, -1:])
         # backout (RECIPE R2): subtract a learned share of the residual after block L//2, so the
         # head reads less of the mid-depth features the later blocks have already used
-        return rms_norm(x - self.backout_lambda.to(dtype) * mid)
+        x = rms_norm(x - self.backout_lambda.to(dtype) * mid)
+        return x * self.final_norm_gain.to(dtype) if self.config.norm_gains else x
+
+    def norm_gain_params(self):
+        """Selective RMSNorm scales (PR #830, config.norm_gains): a learnable per-channel gain, init 1, on the
+        pre-MLP norm of every block and on the final norm; the pre-attention, embedding and QK norms stay
+        parameter-free. The gains train with the resid lambdas (small AdamW steps). [] when off."""
+        return [self.mlp_norm_gains, self.final_norm_gain] if self.config.norm_gains else []
 
     def smear(self, e, prev=None, has_prev=None):
         """Smear (RECIPE R2): e_t += lambda_s * sigmoid(w . e_t[:24]) * e_{t-1} for t >= 1.
@@ -423,7 +443,7 @@ class GPT(nn.Module):
             "matrices": sum(p.numel() for p in self.blocks.parameters()),
             "lm_head": self.lm_head.weight.numel(),
             "scalars": sum(p.numel() for p in (self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
-                                                self.smear_lambda, self.backout_lambda)),
+                                                self.smear_lambda, self.backout_lambda, *self.norm_gain_params())),
         }
 
     def num_scaling_params(self):
@@ -467,7 +487,7 @@ class GPT(nn.Module):
             wte           embedding_lr          betas (0.8, 0.995)  wd 0.001
             value embeds  embedding_lr * 0.5    betas (0.8, 0.995)  wd 0.01
             resid_lambdas scalar_lr * 0.01      betas (0.8, 0.95)   wd 0.05  (they scale the whole
-                                                                             residual: small steps)
+            (+ norm gains)                                                   residual: small steps)
             x0_lambdas    scalar_lr             betas (0.96, 0.95)  wd 0
             smear gate, smear and backout lambdas: gate_lr (not width-scaled; RECIPE's 0.2 is unscaled at
                           B >= 2^19, the caller shrinks it below: scaling.gate_lr_scale), (0.8, 0.95), wd 0
@@ -487,7 +507,7 @@ class GPT(nn.Module):
             adamw([self.lm_head.weight], unembedding_lr * width_lr_scale, (0.8, 0.96), 0.01),
             adamw([self.wte.weight], embedding_lr * width_lr_scale, (0.8, 0.995), 0.001),
             adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * width_lr_scale, (0.8, 0.995), 0.01),
-            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.resid_lambdas, *self.norm_gain_params()], scalar_lr * 0.01, (0.8, 0.95), 0.05),
             adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
             adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], gate_lr, (0.8, 0.95), 0.0),
         ]

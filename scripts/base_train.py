@@ -94,6 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x sqrt(B/2^19) below)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--smear", type=int, default=1, choices=[0, 1], help="smear (1) or its leave-one-out (0: its lambda stays 0, GPT.freeze_smear)")
+    p.add_argument("--norm-gains", type=int, default=0, choices=[0, 1], help="selective RMSNorm scales (PR #830): learnable gains on the pre-MLP and final norms (1) or none (0)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
     p.add_argument("--momentum-ramp-first", type=int, default=0, choices=[0, 1],
@@ -130,6 +131,9 @@ def parse_args(argv=None):
         p.error("--fp8 needs --compile 1: without torch.compile the unfused scaling ops make FP8 ~4x slower than bf16")
     if args.head_dim % 2:
         p.error(f"--head-dim must be even (rotary embeddings turn pairs of dimensions), got {args.head_dim}")
+    if args.norm_gains and COMPUTE_DTYPE == torch.float16:
+        p.error("--norm-gains 1 does not run in fp16 (the fused loss's fp16 chunking assumes gain-free final norms): "
+                "use NANOCHAT_DTYPE=bfloat16 or float32")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):
         p.error(f"--window-pattern {args.window_pattern!r} must be a non-empty string of S and L, e.g. SSSL")
     if args.resume_from_step not in ("", "latest") and not args.resume_from_step.isdigit():
@@ -246,7 +250,8 @@ def format_table(hp):
 
 def build_config(args, vocab_size):
     return GPTConfig.from_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
-                                aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, window_pattern=args.window_pattern)
+                                aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, window_pattern=args.window_pattern,
+                                norm_gains=bool(args.norm_gains))
 
 
 def run_name(args):
@@ -565,9 +570,11 @@ def main(argv=None):
         step = resolve_step(checkpoint_root, args.resume_from_step)
         ckpt_dir = step_dir(checkpoint_root, step)
         meta = load_meta(ckpt_dir)
-        if meta["model_config"] != config.to_dict():
-            raise CheckpointError(f"{ckpt_dir} holds a model of config {meta['model_config']}, this run builds "
-                                  f"{config.to_dict()}: pass the same --depth/--max-seq-len/--aspect-ratio/--head-dim")
+        saved_config = GPTConfig(**meta["model_config"]).to_dict()  # fields added since the save take their defaults
+        if saved_config != config.to_dict():
+            raise CheckpointError(f"{ckpt_dir} holds a model of config {saved_config}, this run builds "
+                                  f"{config.to_dict()}: pass the same --depth/--max-seq-len/--aspect-ratio/--head-dim/"
+                                  "--window-pattern/--norm-gains")
         load_model_weights(model, ckpt_dir)
         state = load_rank_state(ckpt_dir, rank, world_size)
         optimizer.load_state_dict(state["optimizer"])

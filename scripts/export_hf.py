@@ -131,6 +131,9 @@ def export(checkpoint_dir, tokenizer, out_dir):
     from transformers import GenerationConfig
     from nanochat import gpt, hf_model
     model, _ = load_model(checkpoint_dir, torch.device("cpu"))
+    if model.config.norm_gains:
+        raise ExportError("this checkpoint was trained with --norm-gains 1 (an experiment flag) and hf_model.py does not "
+                          "carry the norm gains: export a run without it")
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ExportError(f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's model {model.config.vocab_size}: "
                           "pass the --tokenizer-dir the run was trained with")

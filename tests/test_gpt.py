@@ -271,11 +271,63 @@ def test_backout_subtracts_the_mid_depth_residual():
     torch.testing.assert_close(hidden, expected)
 
 
-def test_init_weights_writes_every_parameter_and_buffer():
+def test_norm_gains_scale_the_pre_mlp_and_final_norms_only():
+    """Selective RMSNorm scales (--norm-gains 1): at init (gains 1) the model equals the gain-free one; with gains
+    set, each block's MLP reads rms_norm(x) * its gain, the head reads the final norm * its gain, and the
+    attention input stays parameter-free. Fails if a gain is ignored or applied to the wrong norm."""
+    idx = torch.randint(0, 500, (2, 33))
+    plain, gained = build(small_config()), build(small_config(norm_gains=True))
+    perturb_weights(plain)
+    missing = gained.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["final_norm_gain", "mlp_norm_gains"]  # the gains stay at their init, 1
+    with torch.no_grad():
+        torch.testing.assert_close(gained(idx[:, :-1], idx[:, 1:]), plain(idx[:, :-1], idx[:, 1:]), rtol=0, atol=0)
+        g = torch.Generator().manual_seed(3)
+        gained.mlp_norm_gains.copy_(1 + torch.rand(gained.mlp_norm_gains.shape, generator=g))
+        gained.final_norm_gain.copy_(1 + torch.rand(gained.final_norm_gain.shape, generator=g))
+    seen = {}
+    for i, block in enumerate(gained.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(("block_in", i), args[0]))
+        block.attn.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(("attn_in", i), args[0]))
+        block.attn.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(("attn_out", i), out))
+        block.mlp.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(("mlp_in", i), args[0]))
+    norm = lambda t: torch.nn.functional.rms_norm(t, (t.size(-1),))
+    with torch.no_grad():
+        hidden = gained.hidden_states(idx)
+    for i in range(len(gained.blocks)):
+        x = seen[("block_in", i)]
+        torch.testing.assert_close(seen[("attn_in", i)], norm(x), rtol=0, atol=0)
+        torch.testing.assert_close(seen[("mlp_in", i)], norm(x + seen[("attn_out", i)]) * gained.mlp_norm_gains[i])
+    # the final norm: its gain is the only difference to the same weights with unit final gain
+    with torch.no_grad():
+        final_gain = gained.final_norm_gain.clone()
+        gained.final_norm_gain.fill_(1.0)
+        torch.testing.assert_close(hidden, gained.hidden_states(idx) * final_gain)
+
+
+def test_norm_gains_train_with_the_resid_lambdas():
+    """The gains sit in the resid-lambda AdamW group (lr scalar_lr * 0.01, wd 0.05) and move under training."""
+    model = build(small_config(norm_gains=True))
+    opt = model.setup_optimizer(scalar_lr=0.5, compiled=False)
+    group = next(g for g in opt.param_groups if any(p is model.resid_lambdas for p in g["params"]))
+    assert any(p is model.mlp_norm_gains for p in group["params"]) and any(p is model.final_norm_gain for p in group["params"])
+    assert group["lr"] == 0.5 * 0.01 and group["weight_decay"] == 0.05
+    idx = torch.randint(0, 500, (4, 33))
+    for _ in range(3):
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    assert (model.mlp_norm_gains != 1).any() and (model.final_norm_gain != 1).any()
+    with pytest.raises(ValueError, match="fp16"):
+        GPT(small_config(norm_gains=True), compute_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("norm_gains", [False, True])
+def test_init_weights_writes_every_parameter_and_buffer(norm_gains):
     """GPT.build materialises uninitialised memory; init_weights must overwrite all of it (RECIPE: the
     reference's record left smear/backout uninitialised). Fill everything with NaN first: nothing may stay NaN."""
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(4, vocab_size=500, sequence_len=32, head_dim=64))
+        model = GPT(GPTConfig.from_depth(4, vocab_size=500, sequence_len=32, head_dim=64, norm_gains=norm_gains))
     model.to_empty(device="cpu")
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
