@@ -41,6 +41,7 @@ class NanoChatGPTConfig(PreTrainedConfig):
     window_sizes: list | None = None  # keys visible per query, per layer (gpt.GPTConfig.window_sizes())
     value_embed_layers: list | None = None  # layers with a value embedding
     softcap: float = 15.0
+    norm_gains: bool = False  # learnable gains on the pre-MLP and final norms (gpt.GPT.norm_gain_params)
     rotary_base: float = 100_000
     qk_scale: float = 1.2
     smear_channels: int = 24
@@ -119,9 +120,10 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = Attention(config, layer_idx), MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, mask, cache):
+    def forward(self, x, value_embed, cos, sin, mask, cache, mlp_norm_gain=None):
         x = x + self.attn(rms_norm(x), value_embed, cos, sin, mask, cache)
-        return x + self.mlp(rms_norm(x))
+        h = rms_norm(x)
+        return x + self.mlp(h if mlp_norm_gain is None else h * mlp_norm_gain)
 
 
 def attention_mask_for(window, query_index, key_valid):
@@ -152,6 +154,9 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
         self.smear_gate = Linear(config.smear_channels, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
+        if config.norm_gains:
+            self.mlp_norm_gains = nn.Parameter(torch.ones(config.n_layer, C))
+            self.final_norm_gain = nn.Parameter(torch.ones(C))
         self.post_init()
 
     def get_input_embeddings(self):
@@ -197,10 +202,13 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, masks[cfg.window_sizes[i]], cache)
+            mlp_norm_gain = self.mlp_norm_gains[i] if cfg.norm_gains else None
+            x = block(x, ve, cos, sin, masks[cfg.window_sizes[i]], cache, mlp_norm_gain)
             if i == cfg.n_layer // 2:
                 mid = x
         x = rms_norm(x - self.backout_lambda * mid)
+        if cfg.norm_gains:
+            x = x * self.final_norm_gain
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = F.linear(x, self.lm_head.weight)[..., :cfg.vocab_size].float()

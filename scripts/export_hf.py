@@ -123,6 +123,7 @@ def hf_config(model, bos):
         vocab_size=cfg.vocab_size, padded_vocab_size=cfg.padded_vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
         n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, sequence_len=cfg.sequence_len, window_sizes=list(model.window_sizes),
         value_embed_layers=[i for i in range(cfg.n_layer) if cfg.has_value_embed(i)], softcap=cfg.softcap,
+        norm_gains=cfg.norm_gains,
         bos_token_id=bos, eos_token_id=bos, pad_token_id=bos, auto_map=AUTO_MAP, architectures=["NanoChatGPTForCausalLM"], dtype="float32")
 
 
@@ -131,9 +132,6 @@ def export(checkpoint_dir, tokenizer, out_dir):
     from transformers import GenerationConfig
     from nanochat import gpt, hf_model
     model, _ = load_model(checkpoint_dir, torch.device("cpu"))
-    if model.config.norm_gains:
-        raise ExportError("this checkpoint was trained with --norm-gains 1 (an experiment flag) and hf_model.py does not "
-                          "carry the norm gains: export a run without it")
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ExportError(f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's model {model.config.vocab_size}: "
                           "pass the --tokenizer-dir the run was trained with")

@@ -102,10 +102,11 @@ def trained_export(tmp_path_factory, tokenizer_dir, corpus_dir):
     return checkpoint, root / "hf"
 
 
-def perturbed_checkpoint(root, sequence_len=SEQ_LEN):
+def perturbed_checkpoint(root, sequence_len=SEQ_LEN, norm_gains=False):
     """GQA (2 heads, 1 kv head), every parameter moved off its init: zero-init projections, smear_lambda 0,
-    unit resid lambdas would each hide a mechanism from the comparison."""
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=2048, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
+    unit resid lambdas (and unit norm gains) would each hide a mechanism from the comparison."""
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=2048, n_layer=3, n_head=2, n_kv_head=1, n_embd=64,
+                       norm_gains=norm_gains)
     model = GPT.build(config, torch.device("cpu"), seed=0, compute_dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -172,9 +173,10 @@ def test_trained_checkpoint_exports_exactly(trained_export, tokenizer, corpus_di
     check_export(checkpoint, folder, tokenizer, corpus_dir, tmp_path)
 
 
-def test_every_mechanism_exports_exactly(tmp_path, tokenizer, corpus_dir):
+@pytest.mark.parametrize("norm_gains", [False, True])
+def test_every_mechanism_exports_exactly(tmp_path, tokenizer, corpus_dir, norm_gains):
     from scripts.export_hf import export
-    checkpoint = perturbed_checkpoint(tmp_path / "run")
+    checkpoint = perturbed_checkpoint(tmp_path / "run", norm_gains=norm_gains)
     folder = export(checkpoint, tokenizer, str(tmp_path / "hf"))
     hf = check_export(checkpoint, folder, tokenizer, corpus_dir, tmp_path)
     assert len(set(map(tuple, hf["greedy"]))) == 3  # the prompts lead somewhere different: not a degenerate model
