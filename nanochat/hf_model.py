@@ -4,8 +4,8 @@ scripts/export_hf.py copies this file into an export folder, whose config.json n
 so it must stand alone: it imports torch and transformers, never nanochat. Its forward is
 nanochat/gpt.py's, step for step (smear, per-layer resid/x0 lambdas, value embeddings through a
 3 * sigmoid gate, parameter-free QK-norm then rotary then x1.2, sliding windows, ReLU^2, backout,
-the optional pre-MLP and final norm gains (--norm-gains), soft-capped logits with the padded vocab cut off), and the weights keep gpt.py's names, so a
-checkpoint's model.safetensors loads as it is. transformers' built-in `nanochat` architecture is not
+the optional pre-MLP and final norm gains (--norm-gains), soft-capped logits with the padded vocab
+cut off), and the weights keep gpt.py's names, so a checkpoint's model.safetensors loads as it is. transformers' built-in `nanochat` architecture is not
 this model: it has no smear, backout, value embeddings, lambdas or sliding windows, applies QK-norm
 after rotary (rotating the other way) without the 1.2 scale, and normalises the embedding twice.
 
