@@ -59,7 +59,15 @@ def _import_flash():
         return None, f"no FlashAttention ({kernels_failure}): pip install kernels (prebuilt FA3) or 'nanochat[gpu]'"
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """The mark torch.compiler.assume_constant_result sets (dynamo calls fn once while tracing and keeps the
+    result), without importing torch._dynamo: that import is ~1.9 s of every eager process's start-up on a
+    2-core CPU (dev/LOG.md 2026-12-03). tests/test_attention.py checks it is the mark torch's decorator sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def select_backend(device, dtype):
     """Returns (backend, reason) for tensors of this device and dtype; backend is 'fa3' or 'sdpa'."""
     if device.type != "cuda":

@@ -276,8 +276,10 @@ class GPT(nn.Module):
         self.window_sizes = config.window_sizes()
         V, C = config.padded_vocab_size, config.n_embd
         kv_dim = config.n_kv_head * config.head_dim
-        self.wte = nn.Embedding(V, C)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+        # _weight: no default init (init_weights sets every weight); on the meta device nn.Embedding's own
+        # normal_ runs as a Python decomposition that imports torch._dynamo, ~1.9 s of start-up (dev/LOG.md 2026-12-03)
+        self.wte = nn.Embedding(V, C, _weight=torch.empty(V, C))
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim, _weight=torch.empty(V, kv_dim))
                                            for i in range(config.n_layer) if config.has_value_embed(i)})
         if self.compute_dtype == torch.bfloat16:
             # RECIPE "Dtypes": token and value embeddings stored in bf16 (a lookup reads them in bf16
@@ -299,9 +301,10 @@ class GPT(nn.Module):
                 raise ValueError("norm_gains (--norm-gains 1) does not run in fp16: use bf16 or float32")
             self.mlp_norm_gains = nn.Parameter(torch.ones(config.n_layer, C))
             self.final_norm_gain = nn.Parameter(torch.ones(C))
-        cos, sin = rotary_tables(config.sequence_len, config.head_dim, device=self.wte.weight.device)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        # rotary tables: shape only, init_weights computes them (on the meta device arange would import dynamo too)
+        rotary_shape = (1, config.sequence_len, 1, config.head_dim // 2)
+        self.register_buffer("cos", torch.empty(rotary_shape), persistent=False)
+        self.register_buffer("sin", torch.empty(rotary_shape), persistent=False)
 
     @classmethod
     def build(cls, config, device, seed=None, compute_dtype=None):

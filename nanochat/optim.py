@@ -36,6 +36,8 @@ communication overlaps the update compute. Optimizer state is therefore sharded:
 per rank and only loads into a run with the same world size and rank.
 """
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -167,9 +169,12 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, step, lr, weight_decay, beta1
     param.copy_(p - step_size * update)
 
 
-# dynamic=False: one graph per shape (a model has a handful), no symbolic-shape guards to trip on
-_muon_update_compiled = torch.compile(muon_update, dynamic=False, fullgraph=True)
-_adamw_update_compiled = torch.compile(adamw_update, dynamic=False, fullgraph=True)
+@functools.cache
+def compiled_update(update_fn):
+    """update_fn through torch.compile, one per process so every optimizer shares its graphs. Made on first use:
+    torch.compile imports torch._dynamo, ~1.9 s of every eager process's start-up on a 2-core CPU (dev/LOG.md,
+    2026-12-03). dynamic=False: one graph per shape (a model has a handful), no symbolic-shape guards to trip on."""
+    return torch.compile(update_fn, dynamic=False, fullgraph=True)
 
 
 # -----------------------------------------------------------------------------
@@ -190,8 +195,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.orth_dtype = orth_dtype or default_orth_dtype()
-        self._muon_update = _muon_update_compiled if compiled else muon_update
-        self._adamw_update = _adamw_update_compiled if compiled else adamw_update
+        self._muon_update = compiled_update(muon_update) if compiled else muon_update
+        self._adamw_update = compiled_update(adamw_update) if compiled else adamw_update
         super().__init__(param_groups, defaults={})
 
     def add_param_group(self, group):

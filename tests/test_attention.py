@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanochat.attention import (attention, band_mask, dense_window_cost, keys_per_query, naive_attention, sdpa_window_notice,
-                                select_backend)
+from nanochat.attention import (attention, band_mask, constant_under_compile, dense_window_cost, keys_per_query,
+                                naive_attention, sdpa_window_notice, select_backend)
 from nanochat.gpt import GPTConfig
 
 
@@ -41,6 +41,13 @@ def test_band_mask():
     m = band_mask(5, 2, torch.device("cpu"))
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
     assert torch.equal(m, expected.bool())
+
+
+def test_constant_under_compile_sets_the_mark_torchs_decorator_sets():
+    marked = lambda: None  # noqa: E731
+    torch.compiler.assume_constant_result(marked)  # imports torch._dynamo: the cost constant_under_compile avoids
+    assert vars(constant_under_compile(lambda: None)) == vars(marked) == {"_dynamo_marked_constant": True}
+    assert vars(select_backend) == vars(marked)
 
 
 def test_backend_on_cpu_is_sdpa_with_reason():

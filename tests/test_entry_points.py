@@ -171,6 +171,17 @@ def test_escaping_zip_wrote_nothing_outside(paths, outcomes):
     assert not [d for d in installed if d.startswith("eval_bundle")]
 
 
+def test_entry_points_and_a_built_model_do_not_import_dynamo():
+    """torch._dynamo's import is ~1.9 s of a process's start-up on a 2-core CPU (dev/LOG.md 2026-12-03): the
+    entry points, the optimizer module and a built model leave it to torch.compile and torch.optim to pull in."""
+    code = ("import sys, scripts.base_train, scripts.sample, scripts.export_hf, scripts.base_eval, scripts.preflight, "
+            "nanochat.optim; from nanochat.gpt import GPT, GPTConfig; "
+            "GPT.build(GPTConfig.from_depth(1, vocab_size=64, sequence_len=16), 'cpu', seed=0); "
+            "print([m for m in sys.modules if m.startswith('torch._dynamo')])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout[-2000:] + result.stderr[-2000:]
+
+
 def test_an_unexpected_error_keeps_its_traceback():
     """run_main catches only the named bad-input types: a bug is not dressed up as a user error."""
     def buggy():

@@ -173,10 +173,11 @@ def test_trained_checkpoint_exports_exactly(trained_export, tokenizer, corpus_di
     check_export(checkpoint, folder, tokenizer, corpus_dir, tmp_path)
 
 
-@pytest.mark.parametrize("norm_gains", [False, True])
-def test_every_mechanism_exports_exactly(tmp_path, tokenizer, corpus_dir, norm_gains):
+def test_every_mechanism_exports_exactly(tmp_path, tokenizer, corpus_dir):
+    """Every mechanism perturbed away from its init, --norm-gains on; the trained export above covers the model
+    without gains (one transformers process less: ~20 s of the suite)."""
     from scripts.export_hf import export
-    checkpoint = perturbed_checkpoint(tmp_path / "run", norm_gains=norm_gains)
+    checkpoint = perturbed_checkpoint(tmp_path / "run", norm_gains=True)
     folder = export(checkpoint, tokenizer, str(tmp_path / "hf"))
     hf = check_export(checkpoint, folder, tokenizer, corpus_dir, tmp_path)
     assert len(set(map(tuple, hf["greedy"]))) == 3  # the prompts lead somewhere different: not a degenerate model
