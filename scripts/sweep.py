@@ -243,13 +243,17 @@ def estimate_seconds(pending, base_flags, args, vocab_size, rate, parallel):
 # -----------------------------------------------------------------------------
 # execution
 
-def device_slots(devices, nproc_per_node):
-    """The environment of each parallel slot: [{}] on one device, else CUDA_VISIBLE_DEVICES groups of nproc_per_node."""
+def device_slots(devices, nproc_per_node, n_cpus=None):
+    """The environment of each parallel slot: [{}] on one device, else CUDA_VISIBLE_DEVICES groups of nproc_per_node,
+    each with its share of the CPU threads (OMP_NUM_THREADS, unless already set). Without the share every run
+    takes all cores: two d4 runs of 2 threads each on a 2-core CPU ran 3x slower than of 1 (dev/LOG.md 2026-12-03)."""
     if not devices:
         return [{}]
     if len(devices) % nproc_per_node:
         raise SweepError(f"--devices lists {len(devices)} device(s), not a multiple of --nproc-per-node {nproc_per_node}")
-    return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[i:i + nproc_per_node])}
+    n_cpus = n_cpus or len(os.sched_getaffinity(0))  # each run's process (a torchrun rank) gets one device's share
+    threads = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, n_cpus // len(devices)))}
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[i:i + nproc_per_node]), **threads}
             for i in range(0, len(devices), nproc_per_node)]
 
 

@@ -264,13 +264,19 @@ def test_dry_run_prints_commands_and_estimate_runs_nothing(tmp_path, tokenizer_d
     assert f"estimate: {2 * flops / 1e9 / 2 / 60:.1f} min for 2 runs" in printed
 
 
-def test_arm_parsing_and_device_slots():
+def test_arm_parsing_and_device_slots(monkeypatch):
     arm = sweep.parse_arm("bf16: NANOCHAT_DTYPE=bfloat16 --matrix-lr 0.03", "x")
     assert (arm.name, arm.env, arm.flags) == ("bf16", {"NANOCHAT_DTYPE": "bfloat16"}, ["--matrix-lr", "0.03"])
     assert sweep.parse_arm("--fp8", "change1").name == "change1"
     with pytest.raises(sweep.SweepError, match="--depth"):
         sweep.parse_arm("bad: --depth 4", "x")
-    assert sweep.device_slots(["0", "1", "2", "3"], 1) == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(4)]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert sweep.device_slots(["0", "1", "2", "3"], 1, n_cpus=16) == [{"CUDA_VISIBLE_DEVICES": str(i), "OMP_NUM_THREADS": "4"}
+                                                                   for i in range(4)]
+    assert sweep.device_slots(["0", "1"], 1, n_cpus=2)[1] == {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "1"}
+    assert sweep.device_slots(["0", "1", "2", "3"], 2, n_cpus=2)[0]["OMP_NUM_THREADS"] == "1"  # at least one
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert sweep.device_slots(["0", "1"], 1, n_cpus=2) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
     with pytest.raises(sweep.SweepError, match="multiple"):
         sweep.device_slots(["0", "1", "2"], 2)
     assert sweep.format_command(["python", "-m", "x", "a b"], {"K": "v w"}) == "K='v w' python -m x 'a b'"
