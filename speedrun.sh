@@ -93,7 +93,6 @@ else
     stage tok-eval python -m scripts.tok_eval --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer"
     stage base-train python -m scripts.base_train \
         --depth 4 --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 300 \
-        --warmup-steps 20 --matrix-lr 0.08 --embedding-lr 1.2 --unembedding-lr 0.016 --scalar-lr 2.0 \
         --eval-every 50 --eval-tokens 65536 --core-metric-every 0 --sample-every 0 \
         --data-dir "$DATA_DIR" --tokenizer-dir "$PRESET_DIR/tokenizer" \
         "${WANDB_FLAGS[@]}" --run-dir "$RUN_DIR" --save-every -1

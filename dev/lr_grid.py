@@ -6,7 +6,8 @@
 Each batch size is one `scripts.sweep` (runs in DIR/b<log2 B>/): one arm per LR multiplier, every LR flag
 (matrix, embedding, unembedding, scalar, gate) times the multiplier; all runs at a batch see the same number
 of tokens (--tokens, so B = 2^15 gets 16x fewer steps than 2^11), paired by seed (init and data order).
-A multiplier is relative to the LR the code resolves, i.e. to the sqrt rule (scaling.lr_batch_scale).
+A multiplier is relative to the sqrt(B / 2^19) rule at every batch, whatever rule scaling.lr_batch_scale holds
+(the flags are divided by it), so grids run before and after the floor read on one axis.
 
 The fit: at each (B, depth) the best multiplier k* is the vertex of a parabola through the mean final val bpb
 against log2(k) at the best grid point and its two neighbours (the grid point itself at an edge). The rule
@@ -25,13 +26,16 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from nanochat import scaling  # noqa: E402
 from scripts.sweep import final_val_bpb  # noqa: E402
 
 DEFAULT_LRS = {"--matrix-lr": 0.02, "--embedding-lr": 0.3, "--unembedding-lr": 0.008, "--scalar-lr": 0.5,
                "--gate-lr": 0.2}  # base_train's defaults at B = 2^19
 
 
-def lr_flags(mult):
+def lr_flags(mult, batch_tokens):
+    """Every LR flag at mult x what the sqrt rule gives at this batch, given the code's own batch scale."""
+    mult = mult * math.sqrt(batch_tokens / 2**19) / scaling.lr_batch_scale(batch_tokens)
     return " ".join(f"{flag} {value * mult:g}" for flag, value in DEFAULT_LRS.items())
 
 
@@ -69,7 +73,7 @@ def mult_name(mult):
 
 def run_grid(args, flags):
     for b in args.batches:
-        arms = [(mult_name(m), lr_flags(m)) for m in args.mults]
+        arms = [(mult_name(m), lr_flags(m, 2**b)) for m in args.mults]
         sweep(batch_dir(args.out, b), b, arms, args, flags)
 
 

@@ -492,8 +492,8 @@ class GPT(nn.Module):
             resid_lambdas scalar_lr * 0.01      betas (0.8, 0.95)   wd 0.05  (they scale the whole
             (+ norm gains)                                                   residual: small steps)
             x0_lambdas    scalar_lr             betas (0.96, 0.95)  wd 0
-            smear gate, smear and backout lambdas: gate_lr (not width-scaled; RECIPE's 0.2 is unscaled at
-                          B >= 2^19, the caller shrinks it below: scaling.gate_lr_scale), (0.8, 0.95), wd 0
+            smear gate, smear and backout lambdas: gate_lr (RECIPE's 0.2, scaled neither with the width nor with
+                          the batch), (0.8, 0.95), wd 0
         compiled: torch.compile the update functions (one cold compile per parameter shape).
         """
         from nanochat.optim import MuonAdamW, default_orth_dtype  # imported on use: the model itself never needs the optimizer

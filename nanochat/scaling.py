@@ -6,7 +6,7 @@ Sources (shared NOTES.md, "Model" and "Optimisation"; RECIPE.md for the record r
   (RECIPE, was 10.5), the speedrun undertrains at 8
 - batch (Power Lines): B_opt proportional to D^0.383; at a fixed ratio D/D_ref = N/N_d12, so
   B = 2^19 * (N / N_d12)^0.383 rounded to a power of two, the same for any ratio (2^20 at d24)
-- learning rates were tuned at B = 2^19 and scale with s_B = sqrt(B / 2^19)
+- learning rates were tuned at B = 2^19: x sqrt(B / 2^19) above it, held at those values below (lr_batch_scale)
 - Muon weight decay from the T_epoch rule: 0.28 * sqrt(B / 2^19) * N_d12 / N (0.0597 at d24), faded to 0
   along a cosine; N_d12, the anchor of both laws, is the d12 model of the run's own aspect ratio and head dim
 - LR: the record's 40-step warmup from B = 2^19 up, none below (default_warmup_steps), then constant, then a
@@ -65,40 +65,33 @@ def optimal_batch_tokens(num_scaling_params, vocab_size, aspect_ratio=64, head_d
 
 
 def lr_batch_scale(batch_tokens):
-    """Learning rates tuned at 2^19 tokens per step scale with sqrt(B / 2^19).
+    """The LRs were tuned at 2^19 tokens per step: x sqrt(B / 2^19) from there up (the record's rule, so B = 2^20
+    gets exactly its LRs), and held at their 2^19 values below (a floor).
 
-    Kept below 2^19 too: an LR grid at widths 64/96 (dev/lr_grid.py, dev/LOG.md 2026-12-02) put the best LR at
-    (2^19 / B)^0.65 times this rule's, but that rule, tried on the CPU preset (width 256), trained it far worse
-    (val bpb 2.307 against 2.099 at step 100): the grid's optimum does not transfer across width."""
-    return math.sqrt(batch_tokens / REF_BATCH_TOKENS)
-
-
-def gate_lr_scale(batch_tokens):
-    """The smear/backout group's LR factor: 1 from 2^19 tokens per step up, sqrt(B / 2^19) below.
-
-    RECIPE gives that group a fixed 0.2, "unscaled", tuned at the record's B = 2^20. At small batch
-    every other LR shrinks with sqrt(B / 2^19) while this one stayed at 0.2, 16x hotter relative to
-    the rest at B = 2048: 120 steps, 3 seeds, scaling it gained 0.072 val bpb at d4 and 0.056 at d6
-    and turned the architecture group from a loss into a gain (dev/LOG.md 2026-11-30). At B >= 2^19
-    it is the record's 0.2."""
-    return min(1.0, lr_batch_scale(batch_tokens))
+    Why not sqrt below 2^19 too: it left small-batch runs far under-trained. At the default width (d4, 256),
+    B = 2^11, 2^19 tokens, the 2^19 values beat the sqrt rule's by 0.18 val bpb and its 4x by 0.05; on the CPU
+    preset's shape the floor beat the old hand-set 4x (dev/LOG.md 2026-12-03). Narrow models (width 64/96) want
+    ~2x more still, but that optimum did not transfer across width, and the floor never sets an LR above one
+    that was tuned. The Muon weight decay keeps sqrt(B / 2^19) (muon_weight_decay): every run above used it."""
+    return math.sqrt(max(batch_tokens, REF_BATCH_TOKENS) / REF_BATCH_TOKENS)
 
 
 def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio=64, head_dim=128):
-    """Muon weight decay from the T_epoch rule: 0.28 * s_B * D_ref / D with D_ref / D = N_d12 / N.
+    """Muon weight decay from the T_epoch rule: 0.28 * sqrt(B / 2^19) * D_ref / D with D_ref / D = N_d12 / N.
 
     Keeps the decay's timescale (in epochs of the data) fixed: bigger models see more tokens per
     step count, so they decay less per step. 0.0597 at d24 (B = 2^20); 0.367 at d4 with vocab 4096
     and B = 2048."""
     n_ref = anchor_params(vocab_size, aspect_ratio, head_dim)
-    return REF_MUON_WEIGHT_DECAY * lr_batch_scale(batch_tokens) * n_ref / num_scaling_params
+    return REF_MUON_WEIGHT_DECAY * math.sqrt(batch_tokens / REF_BATCH_TOKENS) * n_ref / num_scaling_params
 
 
 def default_warmup_steps(batch_tokens):
     """--warmup-steps' default: the record's 40 steps from 2^19 tokens per step up (RECIPE; the d24 speedrun
     command gets exactly the record's schedule), none below, where it was measured as a cost: the whole of a
     0.6-nat gap at step 50 of a d4 x 200-step run, and 0.10 val bpb at d4 in 60-step runs, 3 seeds (dev/LOG.md
-    2026-11-30)."""
+    2026-11-30). With the LRs held at their 2^19 values (lr_batch_scale), 20 warmup steps against none on the CPU
+    preset were a wash: -0.041 and +0.018 val bpb in two seeds (dev/LOG.md 2026-12-03)."""
     return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
 
 

@@ -87,11 +87,11 @@ def parse_args(argv=None):
                         "(nanochat/memory_plan.py, with its margin) fits the device (system RAM on CPU)")
     p.add_argument("--total-batch-size", type=auto_count, default=-1, help="tokens per optimizer step (-1: B_opt from the scaling law)")
     # optimizer
-    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (scaled by sqrt(B/2^19))")
+    p.add_argument("--matrix-lr", type=rate, default=0.02, help="Muon LR at batch 2^19 (x sqrt(B/2^19) above it, the same below: scaling.lr_batch_scale)")
     p.add_argument("--embedding-lr", type=rate, default=0.3, help="AdamW LR of token/value embeddings at batch 2^19")
     p.add_argument("--unembedding-lr", type=rate, default=0.008, help="AdamW LR of the lm_head at batch 2^19")
     p.add_argument("--scalar-lr", type=rate, default=0.5, help="AdamW LR of the per-layer scalars at batch 2^19")
-    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas from batch 2^19 up (x sqrt(B/2^19) below)")
+    p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas (not scaled with the batch: RECIPE)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--smear", type=int, default=1, choices=[0, 1], help="smear (1) or its leave-one-out (0: its lambda stays 0, GPT.freeze_smear)")
     p.add_argument("--norm-gains", type=int, default=0, choices=[0, 1], help="selective RMSNorm scales (PR #830): learnable gains on the pre-MLP and final norms (1) or none (0)")
@@ -209,7 +209,7 @@ def resolve_hyperparameters(args, model, world_size):
         "matrix_lr": args.matrix_lr * lr_scale, **{f"muon_lr_{shape}": lr for shape, lr in muon_lrs.items()},
         "embedding_lr": args.embedding_lr * lr_scale,
         "unembedding_lr": args.unembedding_lr * lr_scale, "scalar_lr": args.scalar_lr * lr_scale,
-        "gate_lr": args.gate_lr * scaling.gate_lr_scale(total_batch),
+        "gate_lr": args.gate_lr,  # RECIPE's 0.2 is unscaled from 2^19 up; below, every LR holds its 2^19 value
         # what the AdamW groups get after setup_optimizer's width scale (n/768)^-0.5 (RECIPE's d24 column)
         "wte_lr_effective": args.embedding_lr * lr_scale * (width / 768) ** -0.5,
         "lm_head_lr_effective": args.unembedding_lr * lr_scale * (width / 768) ** -0.5,

@@ -50,9 +50,10 @@ def test_muon_weight_decay_at_the_anchor_and_at_d4():
     assert scaling.muon_weight_decay(scaling.scaling_params(4, 4096), 2048, 4096) == pytest.approx(0.367, abs=1e-3)
 
 
-def test_lr_batch_scale():
+def test_lr_batch_scale_is_sqrt_from_2_19_up_and_held_below():
     assert scaling.lr_batch_scale(2**19) == 1.0
-    assert scaling.lr_batch_scale(2**21) == 2.0
+    assert scaling.lr_batch_scale(2**21) == 2.0 and scaling.lr_batch_scale(2**20) == math.sqrt(2)  # the record's rule
+    assert scaling.lr_batch_scale(2**19 - 2**12) == scaling.lr_batch_scale(2048) == scaling.lr_batch_scale(1) == 1.0
 
 
 def test_lr_schedule_shape():
@@ -81,22 +82,18 @@ def test_default_lr_schedule_has_no_warmup():
     assert scaling.lr_multiplier(0, 200, warmup_steps=40) == 1 / 40
 
 
-def test_gate_lr_is_the_records_from_2_19_up_and_batch_scaled_below():
-    assert scaling.gate_lr_scale(2**20) == 1.0 and scaling.gate_lr_scale(2**19) == 1.0  # RECIPE: 0.2 unscaled
-    assert scaling.gate_lr_scale(2048) == scaling.lr_batch_scale(2048) == 0.0625  # like every other LR below
-
-
-def test_base_train_passes_the_scaled_gate_lr_to_its_group():
+def test_base_train_resolves_the_floor_and_passes_the_gate_lr_unscaled():
     from scripts.base_train import build_optimizer, parse_args, resolve_hyperparameters
     model = GPT(GPTConfig.from_depth(2, vocab_size=256, sequence_len=64, head_dim=32))
-    for batch, expected in ((2048, 0.2 * scaling.gate_lr_scale(2048)), (2**20, 0.2)):
+    for batch, lr_scale in ((2048, 1.0), (2**19, 1.0), (2**21, 2.0)):
         args = parse_args(["--total-batch-size", str(batch), "--device-batch-size", "32", "--max-seq-len", "64",
                            "--num-iterations", "10", "--compile", "0"])
         hp = resolve_hyperparameters(args, model, world_size=1)
-        assert hp["gate_lr"] == pytest.approx(expected)
+        assert hp["lr_batch_scale"] == lr_scale and hp["matrix_lr"] == pytest.approx(0.02 * lr_scale)
+        assert hp["gate_lr"] == 0.2  # RECIPE: unscaled
         groups = build_optimizer(model, hp, args).param_groups
         [group] = [g for g in groups if any(p is model.backout_lambda for p in g["params"])]
-        assert group["lr"] == pytest.approx(expected)
+        assert group["lr"] == pytest.approx(0.2)
 
 
 def test_default_warmup_is_the_records_from_2_19_up_and_none_below():
