@@ -3,7 +3,7 @@
 #
 #   bash speedrun.sh                 # GPUs present: the GPT-2-grade reference run (8xH100 ~1.7 h)
 #                                    # no GPU: the offline CPU preset (bundled sample; 2 cores: ~3 min with
-#                                    # native bf16, ~18 min in fp32 on a Zen 1 EPYC, dev/LOG.md)
+#                                    # native bf16, ~11 min in fp32 on a Zen 3 EPYC, dev/LOG.md)
 #   bash speedrun.sh --preset cpu    # force the CPU preset
 #   WANDB_RUN=my-run bash speedrun.sh   # log to wandb (WANDB_MODE=offline works without network)
 #
