@@ -70,9 +70,9 @@ def lr_batch_scale(batch_tokens):
 
     Why not sqrt below 2^19 too: it left small-batch runs far under-trained. At the default width (d4, 256),
     B = 2^11, 2^19 tokens, the 2^19 values beat the sqrt rule's by 0.18 val bpb and its 4x by 0.05; on the CPU
-    preset's shape the floor beat the old hand-set 4x (dev/LOG.md 2026-12-03). Narrow models (width 64/96) want
-    ~2x more still, but that optimum did not transfer across width, and the floor never sets an LR above one
-    that was tuned. The Muon weight decay keeps sqrt(B / 2^19) (muon_weight_decay): every run above used it."""
+    preset they beat its old hand-set 4x by 0.058 (they lost only while its sample repeated the same few hundred
+    thousand tokens 4-5 times: dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still, but that
+    optimum did not transfer across width, and the floor never sets an LR above one that was tuned. The Muon weight decay keeps sqrt(B / 2^19) (muon_weight_decay): every run above used it."""
     return math.sqrt(max(batch_tokens, REF_BATCH_TOKENS) / REF_BATCH_TOKENS)
 
 
