@@ -158,7 +158,8 @@ def test_attention_through_reference_fa3_matches_sdpa(window, heads):
     """attention() on its FA3 path (window -> (left, 0) conversion, GQA) equals SDPA, forward and gradients."""
     H, Hk = heads
     q, k, v = qkv(H=H, Hk=Hk, D=32)
-    grad_out = torch.randn_like(q)
+    # seeded: from the global RNG, grad_out depended on which tests ran before in the worker
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
 
     def run(path):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -172,8 +173,10 @@ def test_attention_through_reference_fa3_matches_sdpa(window, heads):
             out.backward(grad_out)
         return [out.detach()] + [t.grad for t in leaves]
 
+    # bf16: with one shared k/v head, its gradients sum four query heads' bf16 products. Over 60 grad_out draws
+    # the two paths differed by up to 1.45x a 2e-2 tolerance there (5% of draws failed it); 4e-2 holds them all
     for got, want in zip(run("fa3"), run("sdpa")):
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2)
 
 
 def test_reference_fa3_window_off_by_one_is_visible():
