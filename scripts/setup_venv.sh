@@ -21,9 +21,13 @@ _pip="$_root/.venv/bin/python -m pip install -q --disable-pip-version-check"
 # _install: pip install "$@" through uv: a fresh CPU venv in 78 s where pip takes 3 min 26 s on a 2-core AMD
 # EPYC (dev/LOG.md, 2026-12-02). --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE=1 nothing
 # writes .pyc files later, and every process then imports torch from source (the suite took 1.8x as long).
+# Not where PYTHONPYCACHEPREFIX is set: Python then reads bytecode only from that tree, so compiling all of
+# site-packages (~50 s of a 63 s venv build on a 2-core Zen 3 EPYC) would be wasted; tests/run.sh sets it.
 # uv does not read pip's configuration, so the find-links, indexes, constraints and CA bundle pip is
 # configured with are passed on (unsafe-best-match: the best version across them, as pip picks it).
 # Without uv (it did not install) or if uv fails, pip does it.
+_bytecode=--compile-bytecode
+[ -n "${PYTHONPYCACHEPREFIX:-}" ] && _bytecode=""
 _install() {
     if [ -x "$_root/.venv/bin/uv" ] || $_pip uv >/dev/null 2>&1; then
         local _flags=() _key _value _v
@@ -33,7 +37,7 @@ _install() {
                 cert) export SSL_CERT_FILE=$_value ;;
             esac
         done < <("$_root/.venv/bin/python" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.\([a-z-]*\)='\(.*\)'$/\1 \2/p")
-        "$_root/.venv/bin/uv" pip install -q --compile-bytecode --python "$_root/.venv/bin/python" --index-strategy unsafe-best-match \
+        "$_root/.venv/bin/uv" pip install -q $_bytecode --python "$_root/.venv/bin/python" --index-strategy unsafe-best-match \
             ${_flags[@]+"${_flags[@]}"} "$@" && return
     fi
     $_pip "$@"

@@ -7,6 +7,10 @@
 # Extra arguments go to pytest, e.g. bash tests/run.sh -k dataloader -x  (or -n 0 for one process)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Bytecode is written as the suite imports, under .venv/pycache, even where PYTHONDONTWRITEBYTECODE=1: only
+# what the tests import is compiled, once, instead of all of site-packages at install (dev/LOG.md, 2026-12-03).
+export PYTHONPYCACHEPREFIX="$PWD/.venv/pycache"
+unset PYTHONDONTWRITEBYTECODE
 source scripts/setup_venv.sh cpu
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest -n "${NANOCHAT_TEST_WORKERS:-2}" --dist loadfile "$@"
