@@ -68,11 +68,14 @@ def lr_batch_scale(batch_tokens):
     """The LRs were tuned at 2^19 tokens per step: x sqrt(B / 2^19) from there up (the record's rule, so B = 2^20
     gets exactly its LRs), and held at their 2^19 values below (a floor).
 
-    Why not sqrt below 2^19 too: it left small-batch runs far under-trained. At the default width (d4, 256),
-    B = 2^11, 2^19 tokens, the 2^19 values beat the sqrt rule's by 0.18 val bpb and its 4x by 0.05; on the CPU
-    preset they beat its old hand-set 4x by 0.058 (they lost only while its sample repeated the same few hundred
-    thousand tokens 4-5 times: dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still, but that
-    optimum did not transfer across width, and the floor never sets an LR above one that was tuned. The Muon weight decay keeps sqrt(B / 2^19) (muon_weight_decay): every run above used it."""
+    Why not sqrt below 2^19 too: it left small-batch runs far under-trained. In an LR grid at the default aspect
+    ratio (d4, width 256, at B = 2^11, 2^13, 2^15 over 3 seeds; d6, width 384, at 2^13; 2^19 tokens a run) the
+    2^19 values came within 0.010 val bpb of the best multiplier in every cell, and the sqrt rule's were
+    0.10-0.26 worse; the fitted exponent, alpha = 0.04 +- 0.05, is the floor (alpha = 0) within its error. On
+    the CPU preset they beat its old hand-set 4x by 0.058 (they lost only while its sample repeated the same few
+    hundred thousand tokens 4-5 times: dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still,
+    but that optimum did not transfer across width, and the floor never sets an LR above one that was tuned.
+    The Muon weight decay keeps sqrt(B / 2^19) (muon_weight_decay): every run above used it."""
     return math.sqrt(max(batch_tokens, REF_BATCH_TOKENS) / REF_BATCH_TOKENS)
 
 
