@@ -22,7 +22,8 @@ _pip="$_root/.venv/bin/python -m pip install -q --disable-pip-version-check"
 # EPYC (dev/LOG.md, 2026-12-02). --compile-bytecode as pip does: where PYTHONDONTWRITEBYTECODE=1 nothing
 # writes .pyc files later, and every process then imports torch from source (the suite took 1.8x as long).
 # Not where PYTHONPYCACHEPREFIX is set: Python then reads bytecode only from that tree, so compiling all of
-# site-packages (~50 s of a 63 s venv build on a 2-core Zen 3 EPYC) would be wasted; tests/run.sh sets it.
+# site-packages would be wasted (a fresh venv: 47.7 s with it, 22.8 s without, farm-bench medians on a 2-core
+# Zen 3 EPYC, dev/LOG.md 2026-12-03); tests/run.sh sets it.
 # uv does not read pip's configuration, so the find-links, indexes, constraints and CA bundle pip is
 # configured with are passed on (unsafe-best-match: the best version across them, as pip picks it).
 # Without uv (it did not install) or if uv fails, pip does it.

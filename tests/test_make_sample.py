@@ -5,7 +5,8 @@ import sys
 
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "dev"))
 from make_sample import MAX_CHARS, cut_document  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def test_cuts_fall_on_paragraphs_then_sentences():
 
 
 def test_the_bundled_sample_is_cut():
-    sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample")
+    sample = os.path.join(REPO, "data", "sample")
     files = sorted(f for f in os.listdir(sample) if f.endswith(".parquet"))
     *train, val = files
     for name in train:
