@@ -1,6 +1,8 @@
-"""The small-batch LR grid behind scaling.lr_batch_scale (issue 26): LR multiplier x total batch x depth x seed.
+"""The small-batch LR grid behind scaling.lr_batch_scale (issue 26): LR multiplier x total batch x depth x seed,
+and the warmup grid behind scaling.default_warmup_steps (x warmup).
 
-    python dev/lr_grid.py run    --out DIR [--batches 11,13,15] [--mults 1,4,16,64] [--depths 4,6] [--seeds 3] -- FLAGS
+    python dev/lr_grid.py run    --out DIR [--batches 11,13,15] [--mults 1,4,16,64] [--depths 4,6] [--seeds 3] \
+                                 [--warmups 0,40,10%] -- FLAGS
     python dev/lr_grid.py report --out DIR [...]      # table (mean ± s.e. over seeds), grid.png, the fitted exponent
 
 Each batch size is one `scripts.sweep` (runs in DIR/b<log2 B>/): one arm per LR multiplier, every LR flag
@@ -13,6 +15,10 @@ The fit: at each (B, depth) the best multiplier k* is the vertex of a parabola t
 against log2(k) at the best grid point and its two neighbours (the grid point itself at an edge). The rule
 s(B) = (B / 2^19)^alpha below 2^19 (exactly sqrt above) makes k* = (2^19 / B)^(1/2 - alpha) against the sqrt
 rule; alpha is the least-squares fit of log2 k* over all (B, depth).
+
+--warmups crosses every multiplier with LR warmups: N steps, or P% of the run's steps (rounded, so the same
+fraction at every batch). Warmup 0 is the plain multiplier arm (lr<k>, no --warmup-steps flag; the one the LR
+grid runs), and the baseline its warmups are paired with by seed (arm lr<k>_w<N> or lr<k>_w<P>pct).
 """
 
 import argparse
@@ -71,19 +77,37 @@ def mult_name(mult):
     return f"lr{mult:g}"
 
 
+def arm_name(mult, warmup):
+    """lr<k> for warmup "0" (the LR grid's own arm), lr<k>_w<N> or lr<k>_w<P>pct otherwise."""
+    return mult_name(mult) + ("" if warmup == "0" else "_w" + warmup.replace("%", "pct"))
+
+
+def warmup_steps(warmup, steps):
+    """"N" -> N steps; "P%" -> P% of the run's steps, rounded."""
+    return round(float(warmup[:-1]) / 100 * steps) if warmup.endswith("%") else int(warmup)
+
+
 def run_grid(args, flags):
     for b in args.batches:
-        arms = [(mult_name(m), lr_flags(m, 2**b)) for m in args.mults]
+        steps = args.tokens // 2**b
+        arms = [(arm_name(m, w), lr_flags(m, 2**b) + ("" if w == "0" else f" --warmup-steps {warmup_steps(w, steps)}"))
+                for m in args.mults for w in args.warmups]
         sweep(batch_dir(args.out, b), b, arms, args, flags)
 
 
 def collect(directory, arm, depths, seeds):
     """{depth: [final val bpb per seed]} of one arm, complete runs only."""
-    found = {}
-    for d in depths:
-        vals = [final_val_bpb(os.path.join(directory, "runs", arm, f"d{d}_s{s}")) for s in range(1, seeds + 1)]
-        found[d] = [v for v in vals if v is not None]
-    return found
+    return {d: [v for v in by_seed(directory, arm, d, seeds).values()] for d in depths}
+
+
+def by_seed(directory, arm, depth, seeds):
+    """{seed: final val bpb} of one arm at one depth, complete runs only."""
+    vals = {s: final_val_bpb(os.path.join(directory, "runs", arm, f"d{depth}_s{s}")) for s in range(1, seeds + 1)}
+    return {s: v for s, v in vals.items() if v is not None}
+
+
+def mean_se(values):
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def best_mult(mults, means):
@@ -112,7 +136,8 @@ def report(args):
     lines = ["| depth | batch | " + " | ".join(f"LR x{m:g}" for m in args.mults) + " | best multiplier k* |",
              "|---|---|" + "---|" * len(args.mults) + "---|"]
     fit_x, fit_y, curves = [], [], []
-    fig, axes = plt.subplots(1, len(args.depths), figsize=(5.5 * len(args.depths), 4), squeeze=False)
+    rows = 2 if len(args.warmups) > 1 else 1
+    fig, axes = plt.subplots(rows, len(args.depths), figsize=(5.5 * len(args.depths), 4 * rows), squeeze=False)
     for j, d in enumerate(args.depths):
         ax = axes[0][j]
         for b in args.batches:
@@ -157,6 +182,8 @@ def report(args):
             best = bpb_at(ms, means, k)
             cells = [f"{bpb_at(ms, means, 2.0 ** ((0.5 - a) * (19 - b))) - best:+.4f}" for a in alphas.values()]
             text += f"\n| d{d} | 2^{b} | " + " | ".join(cells) + " |"
+    if rows == 2:
+        text += "\n\n" + warmup_report(args, axes[1])
     png = os.path.join(args.out, "grid.png")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -164,6 +191,46 @@ def report(args):
     with open(os.path.join(args.out, "grid.txt"), "w") as f:
         f.write(text + "\n")
     print(f"wrote {png} and {os.path.join(args.out, 'grid.txt')}")
+
+
+def warmup_report(args, axes):
+    """Per (depth, batch, multiplier): final val bpb at each warmup, and each warmup minus warmup 0 paired by
+    seed (mean ± s.e.); the paired differences plotted per depth."""
+    warmups = [w for w in args.warmups if w != "0"]
+    lines = ["warmup grid: final val bpb (mean ± s.e.), then each warmup minus none, paired by seed:",
+             "| depth | batch | steps | LR x | none | " + " | ".join(f"warmup {w}" for w in warmups) + " | "
+             + " | ".join(f"{w} − none" for w in warmups) + " |",
+             "|---|---|---|---|---|" + "---|" * (2 * len(warmups))]
+    for ax, d in zip(axes, args.depths):
+        for b in args.batches:
+            steps = args.tokens // 2**b
+            for m in args.mults:
+                directory = batch_dir(args.out, b)
+                base = by_seed(directory, arm_name(m, "0"), d, args.seeds)
+                arms = [by_seed(directory, arm_name(m, w), d, args.seeds) for w in warmups]
+                if not base or not any(arms):
+                    continue
+                cells, deltas, points = [], [], []
+                for w, vals in zip(warmups, arms):
+                    cells.append("%.4f ± %.4f (n=%d)" % (*mean_se(list(vals.values())), len(vals)) if vals else "—")
+                    paired = [vals[s] - base[s] for s in vals if s in base]
+                    deltas.append("%+.4f ± %.4f (n=%d)" % (*mean_se(paired), len(paired)) if paired else "—")
+                    if paired:
+                        points.append((warmup_steps(w, steps), *mean_se(paired)))
+                lines.append(f"| d{d} | 2^{b} | {steps} | {m:g} | %.4f ± %.4f (n=%d) | " % (*mean_se(list(base.values())), len(base))
+                             + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
+                if points:
+                    xs, ys, es = zip(*sorted([(0, 0.0, 0.0), *points]))
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"B = 2^{b} ({steps} steps), LR x{m:g}")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("symlog", base=2, linthresh=1)
+        ax.set_xlim(-0.2, 64)
+        ax.set_xlabel(f"warmup steps ({', '.join(warmups)} of the run)")
+        ax.set_ylabel("Δ final val bpb vs no warmup (paired by seed)")
+        ax.set_title(f"d{d}: LR warmup against none")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return "\n".join(lines)
 
 
 def main():
@@ -179,6 +246,8 @@ def main():
     p.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[4, 6])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=2**20, help="training tokens of every run")
+    p.add_argument("--warmups", type=lambda s: [x.strip() for x in s.split(",")], default=["0"],
+                   help="LR warmups crossed with every multiplier: steps (40) or a percent of the run (10%%)")
     p.add_argument("--devices", default="0,1", help="parallel slots (scripts.sweep --devices; on CPU: 2 runs at a time)")
     args = p.parse_args(argv)
     if args.mode == "report":

@@ -71,7 +71,7 @@ def lr_batch_scale(batch_tokens):
     Why not sqrt below 2^19 too: it left small-batch runs far under-trained. In an LR grid at the default aspect
     ratio (d4, width 256, at B = 2^11, 2^13, 2^15 over 3 seeds; d6, width 384, at 2^13; 2^19 tokens a run) the
     2^19 values came within 0.010 val bpb of the best multiplier in every cell, and the sqrt rule's were
-    0.10-0.26 worse; the fitted exponent, alpha = 0.04 +- 0.05, is the floor (alpha = 0) within its error. On
+    0.10-0.24 worse; the fitted exponent, alpha = 0.06 +- 0.04, is the floor (alpha = 0) within its error. On
     the CPU preset they beat its old hand-set 4x by 0.058 (they lost only while its sample repeated the same few
     hundred thousand tokens 4-5 times: dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still,
     but that optimum did not transfer across width, and the floor never sets an LR above one that was tuned.
@@ -91,10 +91,14 @@ def muon_weight_decay(num_scaling_params, batch_tokens, vocab_size, aspect_ratio
 
 def default_warmup_steps(batch_tokens):
     """--warmup-steps' default: the record's 40 steps from 2^19 tokens per step up (RECIPE; the d24 speedrun
-    command gets exactly the record's schedule), none below, where it was measured as a cost: the whole of a
-    0.6-nat gap at step 50 of a d4 x 200-step run, and 0.10 val bpb at d4 in 60-step runs, 3 seeds (dev/LOG.md
-    2026-11-30). With the LRs held at their 2^19 values (lr_batch_scale), 20 warmup steps against none on the CPU
-    preset were a wash: -0.041 and +0.018 val bpb in two seeds (dev/LOG.md 2026-12-03)."""
+    command gets exactly the record's schedule), none below, where it was measured as a cost.
+
+    The warmup grid at the default LRs (dev/lr_grid.py --warmups 0,40,10%: d4 at B = 2^11, 2^13, 2^15 over 3
+    seeds, 2^19 tokens a run, so 256 / 64 / 16 steps; paired by seed against none): 40 steps cost +0.026,
+    +0.022 and +0.206 val bpb, 10% of the run (26 / 6 / 2 steps) +0.028, +0.051 and -0.003; d6 at 2^13 (2 seeds)
+    +0.023 and +0.009. Only the 2-step warmup at 2^15 came out ahead, by less than any cost above (dev/LOG.md
+    2026-12-03, fifth session). Before
+    the LR floor: the whole of a 0.6-nat gap at step 50 of a d4 x 200-step run (dev/LOG.md 2026-11-30)."""
     return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
 
 
