@@ -97,7 +97,7 @@ def run_grid(args, flags):
 
 def collect(directory, arm, depths, seeds):
     """{depth: [final val bpb per seed]} of one arm, complete runs only."""
-    return {d: [v for v in by_seed(directory, arm, d, seeds).values()] for d in depths}
+    return {d: list(by_seed(directory, arm, d, seeds).values()) for d in depths}
 
 
 def by_seed(directory, arm, depth, seeds):
@@ -107,6 +107,7 @@ def by_seed(directory, arm, depth, seeds):
 
 
 def mean_se(values):
+    """(mean, standard error); the error is 0 for a single value."""
     return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
@@ -145,8 +146,7 @@ def report(args):
             stats = []
             for m in args.mults:
                 vals = collect(directory, mult_name(m), [d], args.seeds)[d]
-                stats.append((np.mean(vals), np.std(vals, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else 0.0,
-                              len(vals)) if vals else None)
+                stats.append((*mean_se(vals), len(vals)) if vals else None)
             done = [(m, s) for m, s in zip(args.mults, stats) if s]
             if len(done) < 3:
                 continue
