@@ -203,9 +203,8 @@ def warmup_report(args, axes):
              "|---|---|---|---|---|" + "---|" * (2 * len(warmups))]
     for ax, d in zip(axes, args.depths):
         for b in args.batches:
-            steps = args.tokens // 2**b
+            steps, directory = args.tokens // 2**b, batch_dir(args.out, b)
             for m in args.mults:
-                directory = batch_dir(args.out, b)
                 base = by_seed(directory, arm_name(m, "0"), d, args.seeds)
                 arms = [by_seed(directory, arm_name(m, w), d, args.seeds) for w in warmups]
                 if not base or not any(arms):

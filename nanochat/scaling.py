@@ -97,8 +97,8 @@ def default_warmup_steps(batch_tokens):
     seeds, 2^19 tokens a run, so 256 / 64 / 16 steps; paired by seed against none): 40 steps cost +0.026,
     +0.022 and +0.206 val bpb, 10% of the run (26 / 6 / 2 steps) +0.028, +0.051 and -0.003; d6 at 2^13 (2 seeds)
     +0.023 and +0.009. Only the 2-step warmup at 2^15 came out ahead, by less than any cost above (dev/LOG.md
-    2026-12-03, fifth session). Before
-    the LR floor: the whole of a 0.6-nat gap at step 50 of a d4 x 200-step run (dev/LOG.md 2026-11-30)."""
+    2026-12-03, fifth session). Before the LR floor: the whole of a 0.6-nat gap at step 50 of a d4 x 200-step
+    run (dev/LOG.md 2026-11-30)."""
     return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
 
 
