@@ -3,7 +3,8 @@ and the warmup grid behind scaling.default_warmup_steps (x warmup).
 
     python dev/lr_grid.py run    --out DIR [--batches 11,13,15] [--mults 1,4,16,64] [--depths 4,6] [--seeds 3] \
                                  [--warmups 0,40,10%] -- FLAGS
-    python dev/lr_grid.py report --out DIR [...]      # table (mean ± s.e. over seeds), grid.png, the fitted exponent
+    python dev/lr_grid.py report --out DIR [--results CSV] [...]  # table (mean ± s.e. over seeds), grid.png, the fit
+    python dev/lr_grid.py save   --out DIR --results dev/lr_grid_runs.csv       # keep the finished runs' figures
 
 Each batch size is one `scripts.sweep` (runs in DIR/b<log2 B>/): one arm per LR multiplier, every LR flag
 (matrix, embedding, unembedding, scalar, gate) times the multiplier; all runs at a batch see the same number
@@ -19,11 +20,18 @@ rule; alpha is the least-squares fit of log2 k* over all (B, depth).
 --warmups crosses every multiplier with LR warmups: N steps, or P% of the run's steps (rounded, so the same
 fraction at every batch). Warmup 0 is the plain multiplier arm (lr<k>, no --warmup-steps flag; the one the LR
 grid runs), and the baseline its warmups are paired with by seed (arm lr<k>_w<N> or lr<k>_w<P>pct).
+
+A grid outlives its machine only through `save`: run dirs live in /tmp and a fresh dev box starts empty, so the
+final val bpb of every finished run goes into a committed CSV (one row per batch, arm, depth, seed and run length,
+with the CPU it ran on), and `report --results` reads it for every run the run dirs no longer hold.
 """
 
 import argparse
+import csv
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -95,15 +103,65 @@ def run_grid(args, flags):
         sweep(batch_dir(args.out, b), b, arms, args, flags)
 
 
-def collect(directory, arm, depths, seeds):
-    """{depth: [final val bpb per seed]} of one arm, complete runs only."""
-    return {d: list(by_seed(directory, arm, d, seeds).values()) for d in depths}
-
-
-def by_seed(directory, arm, depth, seeds):
-    """{seed: final val bpb} of one arm at one depth, complete runs only."""
-    vals = {s: final_val_bpb(os.path.join(directory, "runs", arm, f"d{depth}_s{s}")) for s in range(1, seeds + 1)}
+def by_seed(args, log2_batch, arm, depth):
+    """{seed: final val bpb} of one arm at one depth, complete runs only: the run dir, else the --results CSV."""
+    vals = {}
+    for s in range(1, args.seeds + 1):
+        bpb = final_val_bpb(os.path.join(batch_dir(args.out, log2_batch), "runs", arm, f"d{depth}_s{s}"))
+        vals[s] = bpb if bpb is not None else args.saved.get((log2_batch, arm, depth, s, args.tokens), (None,))[0]
     return {s: v for s, v in vals.items() if v is not None}
+
+
+RESULT_FIELDS = ["log2_batch", "arm", "depth", "seed", "tokens", "final_val_bpb", "cpu"]
+
+
+def load_results(path):
+    """{(log2_batch, arm, depth, seed, tokens): (final val bpb, cpu)} from a `save` CSV ({} without one)."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, newline="") as f:
+            return {(int(r["log2_batch"]), r["arm"], int(r["depth"]), int(r["seed"]), int(r["tokens"])):
+                    (float(r["final_val_bpb"]), r["cpu"]) for r in csv.DictReader(f)}
+    except (KeyError, ValueError, TypeError) as e:
+        sys.exit(f"{path}: not a results CSV from `lr_grid.py save` ({e!r}); fix or remove it")
+
+
+def cpu_name():
+    """'<model name> (family F model M)' from /proc/cpuinfo: AMD Zen 3 and Zen 4 share the model name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return "unknown"
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+
+
+def save(args):
+    """Merge every finished run under --out (all batches) into the --results CSV; a run already there is kept
+    as first saved (its figure and the CPU it ran on)."""
+    rows, cpu = dict(args.saved), cpu_name()
+    added = 0
+    for b in args.batches:
+        runs = os.path.join(batch_dir(args.out, b), "runs")
+        for arm in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+            for run in sorted(os.listdir(os.path.join(runs, arm))):
+                match, directory = re.fullmatch(r"d(\d+)_s(\d+)", run), os.path.join(runs, arm, run)
+                bpb = final_val_bpb(directory) if match else None
+                if bpb is None:
+                    continue
+                with open(os.path.join(directory, "run.json")) as f:
+                    tokens = json.load(f)["hyperparameters"]["training_tokens"]
+                key = (b, arm, int(match[1]), int(match[2]), tokens)
+                if key not in rows:
+                    rows[key], added = (bpb, cpu), added + 1
+    with open(args.results, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(RESULT_FIELDS)
+        for key in sorted(rows):
+            w.writerow([*key, f"{rows[key][0]:.6f}", rows[key][1]])
+    print(f"{args.results}: {added} runs added, {len(rows)} in all")
 
 
 def mean_se(values):
@@ -142,10 +200,9 @@ def report(args):
     for j, d in enumerate(args.depths):
         ax = axes[0][j]
         for b in args.batches:
-            directory = batch_dir(args.out, b)
             stats = []
             for m in args.mults:
-                vals = collect(directory, mult_name(m), [d], args.seeds)[d]
+                vals = list(by_seed(args, b, mult_name(m), d).values())
                 stats.append((*mean_se(vals), len(vals)) if vals else None)
             done = [(m, s) for m, s in zip(args.mults, stats) if s]
             if len(done) < 3:
@@ -203,10 +260,10 @@ def warmup_report(args, axes):
              "|---|---|---|---|---|" + "---|" * (2 * len(warmups))]
     for ax, d in zip(axes, args.depths):
         for b in args.batches:
-            steps, directory = args.tokens // 2**b, batch_dir(args.out, b)
+            steps = args.tokens // 2**b
             for m in args.mults:
-                base = by_seed(directory, arm_name(m, "0"), d, args.seeds)
-                arms = [by_seed(directory, arm_name(m, w), d, args.seeds) for w in warmups]
+                base = by_seed(args, b, arm_name(m, "0"), d)
+                arms = [by_seed(args, b, arm_name(m, w), d) for w in warmups]
                 if not base or not any(arms):
                     continue
                 cells, deltas, points = [], [], []
@@ -237,7 +294,7 @@ def main():
     flags = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["run", "report"])
+    p.add_argument("mode", choices=["run", "report", "save"])
     p.add_argument("--out", required=True)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[11, 13, 15],
                    help="log2 of the total batch sizes")
@@ -247,10 +304,16 @@ def main():
     p.add_argument("--tokens", type=int, default=2**20, help="training tokens of every run")
     p.add_argument("--warmups", type=lambda s: [x.strip() for x in s.split(",")], default=["0"],
                    help="LR warmups crossed with every multiplier: steps (40) or a percent of the run (10%%)")
+    p.add_argument("--results", default="", help="CSV of finished runs (save writes it, report reads it where a run dir is gone)")
     p.add_argument("--devices", default="0,1", help="parallel slots (scripts.sweep --devices; on CPU: 2 runs at a time)")
     args = p.parse_args(argv)
+    args.saved = load_results(args.results)
     if args.mode == "report":
         report(args)
+    elif args.mode == "save":
+        if not args.results:
+            p.error("save needs --results CSV (e.g. dev/lr_grid_runs.csv)")
+        save(args)
     else:
         run_grid(args, flags)
 
