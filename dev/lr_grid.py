@@ -28,6 +28,7 @@ with the CPU it ran on), and `report --results` reads it for every run the run d
 
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -144,18 +145,16 @@ def save(args):
     rows, cpu = dict(args.saved), cpu_name()
     added = 0
     for b in args.batches:
-        runs = os.path.join(batch_dir(args.out, b), "runs")
-        for arm in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-            for run in sorted(os.listdir(os.path.join(runs, arm))):
-                match, directory = re.fullmatch(r"d(\d+)_s(\d+)", run), os.path.join(runs, arm, run)
-                bpb = final_val_bpb(directory) if match else None
-                if bpb is None:
-                    continue
-                with open(os.path.join(directory, "run.json")) as f:
-                    tokens = json.load(f)["hyperparameters"]["training_tokens"]
-                key = (b, arm, int(match[1]), int(match[2]), tokens)
-                if key not in rows:
-                    rows[key], added = (bpb, cpu), added + 1
+        for directory in sorted(glob.glob(os.path.join(batch_dir(args.out, b), "runs", "*", "d*_s*"))):
+            arm, run = directory.split(os.sep)[-2:]
+            match, bpb = re.fullmatch(r"d(\d+)_s(\d+)", run), final_val_bpb(directory)
+            if match is None or bpb is None:
+                continue
+            with open(os.path.join(directory, "run.json")) as f:
+                tokens = json.load(f)["hyperparameters"]["training_tokens"]
+            key = (b, arm, int(match[1]), int(match[2]), tokens)
+            if key not in rows:
+                rows[key], added = (bpb, cpu), added + 1
     with open(args.results, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(RESULT_FIELDS)
