@@ -2,7 +2,7 @@
 and the warmup grid behind scaling.default_warmup_steps (x warmup).
 
     python dev/lr_grid.py run    --out DIR [--batches 11,13,15] [--mults 1,4,16,64] [--depths 4,6] [--seeds 3] \
-                                 [--warmups 0,40,10%] -- FLAGS
+                                 [--first-seed 1] [--warmups 0,40,10%] -- FLAGS
     python dev/lr_grid.py report --out DIR [--results CSV] [...]  # table (mean ± s.e. over seeds), grid.png, the fit
     python dev/lr_grid.py save   --out DIR --results dev/lr_grid_runs.csv       # keep the finished runs' figures
 
@@ -23,7 +23,8 @@ grid runs), and the baseline its warmups are paired with by seed (arm lr<k>_w<N>
 
 A grid outlives its machine only through `save`: run dirs live in /tmp and a fresh dev box starts empty, so the
 final val bpb of every finished run goes into a committed CSV (one row per batch, arm, depth, seed and run length,
-with the CPU it ran on), and `report --results` reads it for every run the run dirs no longer hold.
+with the CPU it ran on), and `report --results` reads it for every run the run dirs no longer hold. `run
+--first-seed K` adds seeds K..N to such a grid without rerunning the seeds only the CSV (or another box) holds.
 """
 
 import argparse
@@ -63,7 +64,7 @@ def sweep(out, log2_batch, arms, args, flags):
     steps = args.tokens // 2**log2_batch
     (base_name, base_flags), *changes = arms
     argv = [sys.executable, "-m", "scripts.sweep", "--out", out, "--depths", ",".join(map(str, args.depths)),
-            "--seeds", str(args.seeds), "--baseline", f"{base_name}: {base_flags}"]
+            "--seeds", str(args.seeds), "--first-seed", str(args.first_seed), "--baseline", f"{base_name}: {base_flags}"]
     for name, change in changes:
         argv += ["--change", f"{name}: {change}"]
     if args.devices:
@@ -300,6 +301,7 @@ def main():
     p.add_argument("--mults", type=lambda s: [float(x) for x in s.split(",")], default=[1, 4, 16, 64])
     p.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[4, 6])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=1, help="run: seeds --first-seed..--seeds only (report: all)")
     p.add_argument("--tokens", type=int, default=2**20, help="training tokens of every run")
     p.add_argument("--warmups", type=lambda s: [x.strip() for x in s.split(",")], default=["0"],
                    help="LR warmups crossed with every multiplier: steps (40) or a percent of the run (10%%)")

@@ -567,6 +567,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="sweep directory (runs/, commands.log, report.txt, sweep.png)")
     p.add_argument("--depths", type=int_list, default=[2, 4, 6], help="depth ladder, e.g. 2,4,6 on CPU or 12,20,24 on GPU")
     p.add_argument("--seeds", type=int, default=3, help="seeds 1..N per (arm, depth); each sets --seed and --data-seed")
+    p.add_argument("--first-seed", type=int, default=1,
+                   help="run seeds K..N only: add seeds to a sweep whose earlier runs were kept elsewhere")
     p.add_argument("--baseline", default="baseline:", help="'NAME: KEY=VALUE --flag value ...' (default: no changes)")
     p.add_argument("--change", action="append", default=[], help="a change, same form as --baseline; repeat for several (default: none)")
     p.add_argument("--scaling-law", action="store_true", help="train the baseline at each of --ratios and fit the scaling law")
@@ -583,8 +585,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.wrap = shlex.split(args.wrap)
     args.devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-    if args.seeds < 1 or not args.depths or min(args.depths) < 1 or args.nproc_per_node < 1:
-        p.error("--seeds, --depths and --nproc-per-node must be positive")
+    if not 1 <= args.first_seed <= args.seeds or not args.depths or min(args.depths) < 1 or args.nproc_per_node < 1:
+        p.error("--seeds, --depths and --nproc-per-node must be positive, and --first-seed from 1 to --seeds")
     if args.scaling_law and args.change:
         p.error("--scaling-law trains the baseline only: drop --change (or run two sweeps)")
     if not args.scaling_law and not args.change:
@@ -594,7 +596,7 @@ def parse_args(argv=None):
     owned = [f for f in base_flags if f.split("=")[0] in SWEEP_OWNED_FLAGS + (("--target-param-data-ratio", "--num-iterations", "--target-flops") if args.scaling_law else ())]
     if owned:
         p.error(f"the shared base_train flags set {', '.join(owned)}: the sweep sets those per run")
-    args.seeds = list(range(1, args.seeds + 1))
+    args.seeds = list(range(args.first_seed, args.seeds + 1))
     return args, base_flags
 
 

@@ -244,6 +244,22 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, tokenizer_
     assert "Δ = " in text and "-0.0500" in text  # d2: offset -0.1/2, paired exactly
 
 
+def test_first_seed_adds_seeds_without_rerunning_the_earlier_ones(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """--first-seed 2 on an empty sweep dir: only seed 2's runs are launched (seed 1's live on another box)."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    out = tmp_path / "sweep"
+    monkeypatch.setenv("FAKE_FAIL", "")
+    sweep.main(["--out", str(out), "--depths", "2", "--seeds", "2", "--first-seed", "2", "--flops-per-s", "1e12",
+                "--baseline", "base:", "--change", "new: FAKE_OFFSET=-0.1", "--wrap", f"{sys.executable} {fake}", "--",
+                "--tokenizer-dir", tokenizer_dir, "--max-seq-len", "64", "--device-batch-size", "2",
+                "--total-batch-size", "128", "--num-iterations", "20"])
+    assert "0 already complete (skipped), 2 to run" in capsys.readouterr().out
+    assert sorted(c.rsplit("runs/", 1)[1] for c in (out / "calls.txt").read_text().split()) == ["base/d2_s2", "new/d2_s2"]
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--out", str(out), "--seeds", "2", "--first-seed", "3", "--change", "x: --fp8"])
+
+
 def test_dry_run_prints_commands_and_estimate_runs_nothing(tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "sweep"
     sweep.main(["--out", str(out), "--depths", "2", "--seeds", "1", "--flops-per-s", "1e9", "--overhead-s", "0",
