@@ -17,7 +17,7 @@ A run is complete when its log.jsonl holds a finite val/bpb at step == the num_i
 run.json records (base_train evaluates once more after its last step, then finishes) and its
 sweep_run.json (the base_train argv without --run-dir, plus the arm's environment) matches
 what this sweep would run. Complete runs are skipped, so a killed sweep resumes where it
-stopped; a half-finished run is rerun from scratch; a complete run made by a different command
+stopped; a half-finished run is rerun from scratch (--overwrite); a complete run made by a different command
 is refused (use another --out or delete it).
 
 Before starting it prints each pending command and the time they would take: FLOPs from
@@ -53,7 +53,8 @@ from nanochat.cli import ArgumentParser
 from scripts.compare_runs import AXES, compare_axis, load_run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_OWNED_FLAGS = ("--depth", "--seed", "--data-seed", "--run-dir", "--run")  # set per run by the sweep
+# set per run by the sweep
+SWEEP_OWNED_FLAGS = ("--depth", "--seed", "--data-seed", "--run-dir", "--run", "--overwrite", "--resume-from-step")
 # per run: no CORE, no samples, no checkpoints (a run is cheap to redo; the sweep compares val bpb)
 FIXED_FLAGS = ["--core-metric-every", "0", "--sample-every", "0", "--save-every", "0"]
 REFERENCE_RATIOS = {"notes (Kaplan-style)": 10.5, "reference default": 12.0, "speedrun": 8.0}
@@ -134,7 +135,9 @@ def run_signature(spec, base_flags):
 
 def launch_command(spec, base_flags, out_dir, wrap=(), nproc_per_node=1):
     """The argv that runs one training run (wrapper, torchrun when asked, base_train and its flags)."""
-    argv = train_argv(spec, base_flags) + ["--run-dir", run_dir(out_dir, spec)]
+    # only unfinished runs are launched, and they start afresh: --overwrite deletes the checkpoint a killed attempt
+    # saved on its way out (base_train does so on SIGTERM even at --save-every 0), which it would refuse to clobber
+    argv = train_argv(spec, base_flags) + ["--overwrite", "--run-dir", run_dir(out_dir, spec)]
     if nproc_per_node > 1:
         # `--` keeps torchrun from reading base_train's flags as its own
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",

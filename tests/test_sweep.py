@@ -192,7 +192,10 @@ run_dir, depth, seed = flag("--run-dir"), int(flag("--depth")), int(flag("--seed
 assert flag("--data-seed") == str(seed)
 with open(os.path.join(os.path.dirname(run_dir.rstrip("/")), "..", "..", "calls.txt"), "a") as f:
     f.write(run_dir + "\n")
+if os.path.isdir(os.path.join(run_dir, "checkpoints")) and "--overwrite" not in argv:
+    sys.exit("already holds checkpoints")  # base_train's refusal (tests/test_run_guards.py)
 if os.environ.get("FAKE_FAIL") and run_dir.endswith(os.environ["FAKE_FAIL"]):
+    os.makedirs(os.path.join(run_dir, "checkpoints"))  # a killed base_train saves on its way out
     sys.exit(3)
 os.makedirs(run_dir, exist_ok=True)
 steps, flops = 20, 1e9 * depth ** 3
@@ -221,7 +224,8 @@ def run_sweep(out_dir, fake, tokenizer_dir, monkeypatch, fail=""):
 
 
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, tokenizer_dir, monkeypatch, capsys):
-    """First sweep: one run dies (as if killed). Rerun: only that run is launched again; the report pairs all 8."""
+    """First sweep: one run dies (as if killed, leaving a checkpoint). Rerun: only that run is launched again, afresh;
+    the report pairs all 8."""
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_TRAIN)
     out = tmp_path / "sweep"
