@@ -69,9 +69,10 @@ def lr_batch_scale(batch_tokens):
     gets exactly its LRs), and held at their 2^19 values below (a floor).
 
     Why not sqrt below 2^19 too: it left small-batch runs far under-trained. In an LR grid at the default aspect
-    ratio (d4, width 256, at B = 2^11, 2^13, 2^15 over 3 seeds; d6, width 384, at 2^13 and 2^15; 2^19 tokens a
-    run) the 2^19 values came within 0.010 val bpb of the best multiplier in every cell, and the sqrt rule's were
-    0.10-0.24 worse; the fitted exponent, alpha = 0.05 +- 0.03, is the floor (alpha = 0) within its error. On
+    ratio (d4, width 256, and d6, width 384, at B = 2^11, 2^13, 2^15 over 3 seeds; 2^19 tokens a run) the 2^19
+    values came within 0.010 val bpb of the best multiplier in every cell, and the sqrt rule's were 0.10-0.34
+    worse. The fitted exponent, alpha = 0.064 +- 0.022, is gentler than the floor by ~3 s.e. but gains at most
+    0.010 in these cells (dev/LOG.md 2026-12-06); it is a candidate for an A/B, not yet the default. On
     the CPU preset they beat its old hand-set 4x by 0.058 (they lost only while its sample repeated the same few
     hundred thousand tokens 4-5 times: dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still,
     but that optimum did not transfer across width, and the floor never sets an LR above one that was tuned.
@@ -96,9 +97,9 @@ def default_warmup_steps(batch_tokens):
     The warmup grid at the default LRs (dev/lr_grid.py --warmups 0,40,10%: d4 at B = 2^11, 2^13, 2^15 over 3
     seeds, 2^19 tokens a run, so 256 / 64 / 16 steps; paired by seed against none): 40 steps cost +0.026,
     +0.022 and +0.206 val bpb, 10% of the run (26 / 6 / 2 steps) +0.028, +0.051 and -0.003; d6 at 2^15 (3 seeds)
-    +0.160 and +0.123, at 2^13 and 2^11 (2 seeds) +0.023 / +0.009 and +0.005 / +0.005. The one gain, 2 steps at
-    d4 2^15, did not hold at d6 (dev/LOG.md 2026-12-03, fifth session, and 2026-12-06). Before the LR floor: the
-    whole of a 0.6-nat gap at step 50 of a d4 x 200-step run (dev/LOG.md 2026-11-30)."""
+    +0.160 and +0.123, at 2^11 (3 seeds) +0.003 and +0.004, at 2^13 (2 seeds) +0.023 and +0.009. The one gain,
+    2 steps at d4 2^15, did not hold at d6 (dev/LOG.md 2026-12-03, fifth session, and 2026-12-06). Before the LR
+    floor: the whole of a 0.6-nat gap at step 50 of a d4 x 200-step run (dev/LOG.md 2026-11-30)."""
     return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
 
 
