@@ -368,7 +368,7 @@ def format_mfu_health(health):
     if h["mfu"] is None and h["steps"]:
         mfu_text += " (peak FLOP/s unknown)"
     tok = "n/a" if h["tok_per_sec"] is None else f"{h['tok_per_sec']:,.0f}"
-    line = (f"  {h['label']}: {where}, {h['steps']} steps | {mfu_text} | data wait {pct(h['data_wait_frac'])} | "
+    line = (f"  {h['label']}: {where}, {h['steps']} timed steps | {mfu_text} | data wait {pct(h['data_wait_frac'])} | "
             f"optimizer+sync {pct(h['optim_frac'])} | {tok} tok/s | {h['skipped_steps']} skipped steps")
     return line + (f"\n    -> {h['diagnosis']}" if h["diagnosis"] else "")
 

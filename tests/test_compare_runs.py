@@ -124,6 +124,7 @@ def test_cli_writes_png_and_table(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "overall: no run wins on all three axes (step: A, time: B, flops: A)" in text
     assert "MFU health" in text and "measured CPU" in text
+    assert "995 timed steps" in text  # steps 1..1000 logged, the first 5 (one-off costs) left out of the timing
 
 
 def test_mismatched_data_refuses_and_names_fields(tmp_path, capsys):
