@@ -36,6 +36,7 @@ from nanochat.scaling import VE_GATE_CHANNELS, model_shape
 ROTARY_BASE = 100_000
 VOCAB_MULTIPLE = 64
 QK_SCALE = 1.2  # RECIPE: q and k x1.2 after RoPE + QK-norm (R1 1.15, R2 1.2): sharper attention than unit-norm q.k
+C_FC_INIT_SCALE = 0.4  # RECIPE R2: c_fc's uniform init at 0.4x the 1/sqrt(fan_in) bound (R1 0.5x); see init_weights
 SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the current token's embedding
 LOSS_CHUNK_ELEMENTS = 2**25  # logits per loss chunk: 1024 rows at vocab 32768 = 128 MiB in fp32
 FP16_SAFE_MAX = 60_000  # headroom under fp16's largest finite value, 65504
@@ -307,7 +308,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", torch.empty(rotary_shape), persistent=False)
 
     @classmethod
-    def build(cls, config, device, seed=None, compute_dtype=None):
+    def build(cls, config, device, seed=None, compute_dtype=None, c_fc_init_scale=C_FC_INIT_SCALE):
         """Built on the meta device (no memory, no init cost), materialised on `device`, initialised
         explicitly; seed=None leaves the global RNG as it is (e.g. weights about to be loaded)."""
         with torch.device("meta"):
@@ -315,12 +316,13 @@ class GPT(nn.Module):
         model.to_empty(device=device)
         if seed is not None:
             torch.manual_seed(seed)
-        model.init_weights()
+        model.init_weights(c_fc_init_scale)
         return model
 
     @torch.no_grad()
-    def init_weights(self):
-        """Initialises every parameter and buffer in place (run after to_empty() from the meta device)."""
+    def init_weights(self, c_fc_init_scale=C_FC_INIT_SCALE):
+        """Initialises every parameter and buffer in place (run after to_empty() from the meta device).
+        c_fc_init_scale is an init, not an architecture: it is not in GPTConfig (a checkpoint loads over it)."""
         # values from RECIPE.md "Initialization" (the reference's R1/R2 record recipe)
         L = self.config.n_layer
         bound = (3 / self.config.n_embd) ** 0.5  # uniform with std 1/sqrt(fan_in)
@@ -329,10 +331,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
-            # R2: 0.4x (R1 0.5x). Kept although the full bound is 0.02 bpb better in 120-step B=2048 CPU
+            # C_FC_INIT_SCALE (R2: 0.4x, R1 0.5x). Kept although the full bound is 0.02 bpb better in 120-step B=2048 CPU
             # runs: there Muon's steps on c_fc sum to 0.2, below the init's spectral norm (1.2), so the
             # init never fades; with 4x LR the gap is within noise. The d24 record's steps sum to ~220 (dev/LOG.md)
-            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -c_fc_init_scale * bound, c_fc_init_scale * bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)

@@ -33,7 +33,7 @@ from nanochat.core_eval import BundleError, evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.fp8 import convert_to_fp8, disable_fp8, fp8_supported
 from nanochat.dataset import DataError
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import C_FC_INIT_SCALE, GPT, GPTConfig
 from nanochat.guards import SpikeDetector, TrainingDiverged, check_finite, divergence_hint, nonfinite_loss_ranks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scale import DynamicLossScaler
@@ -94,6 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--gate-lr", type=rate, default=0.2, help="AdamW LR of the smear gate and smear/backout lambdas (not scaled with the batch: RECIPE)")
     p.add_argument("--weight-decay", type=number(float, low=0.0, also=(-1.0,)), default=-1.0, help="Muon's cautious weight decay (-1: T_epoch rule 0.28 * sqrt(B/2^19) * N_d12/N)")
     p.add_argument("--smear", type=int, default=1, choices=[0, 1], help="smear (1) or its leave-one-out (0: its lambda stays 0, GPT.freeze_smear)")
+    p.add_argument("--c-fc-init-scale", type=number(float, low=0.0), default=C_FC_INIT_SCALE, help="c_fc's uniform init as a fraction of the 1/sqrt(fan_in) bound (RECIPE 0.4; 1.0 is the plain bound)")
     p.add_argument("--norm-gains", type=int, default=0, choices=[0, 1], help="selective RMSNorm scales (PR #830): learnable gains on the pre-MLP and final norms (1) or none (0)")
     p.add_argument("--muon-eq", type=int, default=1, choices=[0, 1], help="MuonEq: equalise row norms before orthogonalising (1) or not (0)")
     p.add_argument("--muon-plus", type=int, default=1, choices=[0, 1], help="Muon+: rescale the orthogonalised update to sqrt(min(rows, cols)) (1) or not (0)")
@@ -306,7 +307,7 @@ def lock_run_dir(run_dir, args, checkpoint_root, master):
 
 
 def build_model(args, vocab_size, device):
-    model = GPT.build(build_config(args, vocab_size), device, seed=args.seed)
+    model = GPT.build(build_config(args, vocab_size), device, seed=args.seed, c_fc_init_scale=args.c_fc_init_scale)
     if not args.smear:
         model.freeze_smear()
     return model

@@ -6,7 +6,7 @@ import torch
 import nanochat.gpt as gpt
 from nanochat.attention import naive_attention
 from nanochat.common import rel_err
-from nanochat.gpt import GPT, GPTConfig, fused_head_cross_entropy, plain_cross_entropy
+from nanochat.gpt import C_FC_INIT_SCALE, GPT, GPTConfig, fused_head_cross_entropy, plain_cross_entropy
 
 
 def build(config, compute_dtype=torch.float32, seed=0):
@@ -351,3 +351,13 @@ def test_init_follows_the_record_recipe():
     for gate in [model.smear_gate.weight] + [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]:
         assert gate.min() >= 0 and 0.015 < gate.max() <= 0.02
     assert model.smear_lambda.item() == 0.0 and model.backout_lambda.item() == pytest.approx(0.2)
+
+
+def test_c_fc_init_scale_sets_only_c_fc():
+    """--c-fc-init-scale (the init split's A/B knob): 1.0 is the plain bound; every other weight is drawn as before."""
+    config = GPTConfig.from_depth(2, vocab_size=512, sequence_len=32, head_dim=64)
+    bound = (3 / config.n_embd) ** 0.5
+    recipe, plain = (GPT.build(config, "cpu", seed=0, c_fc_init_scale=s) for s in (C_FC_INIT_SCALE, 1.0))
+    assert 0.97 * bound < plain.blocks[0].mlp.c_fc.weight.abs().max() <= bound
+    torch.testing.assert_close(plain.blocks[1].mlp.c_fc.weight, recipe.blocks[1].mlp.c_fc.weight / C_FC_INIT_SCALE)
+    torch.testing.assert_close(plain.blocks[1].attn.c_q.weight, recipe.blocks[1].attn.c_q.weight)
