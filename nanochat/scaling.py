@@ -72,10 +72,11 @@ def lr_batch_scale(batch_tokens):
     ratio (d4, width 256, and d6, width 384, at B = 2^11, 2^13, 2^15 over 3 seeds; 2^19 tokens a run) the 2^19
     values came within 0.010 val bpb of the best multiplier in every cell, and the sqrt rule's were 0.10-0.34
     worse. The fitted exponent, alpha = 0.064 +- 0.022, is gentler than the floor by ~3 s.e. but gains at most
-    0.010 in these cells (dev/LOG.md 2026-12-06); it is a candidate for an A/B, not yet the default. On
-    the CPU preset they beat its old hand-set 4x by 0.058 (they lost only while its sample repeated the same few
-    hundred thousand tokens 4-5 times: dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still,
-    but that optimum did not transfer across width, and the floor never sets an LR above one that was tuned.
+    0.010 in these cells, and on the CPU preset it ties the floor: -0.0013 +- 0.0116 val bpb over 6 seeds
+    (dev/LOG.md 2026-12-06), so the floor, the tuned LRs held, stays. On the CPU preset the floor beat its old
+    hand-set 4x by 0.058 (it lost only while its sample repeated the same few hundred thousand tokens 4-5 times:
+    dev/LOG.md 2026-12-03). Narrow models (width 64/96) want ~2x more still, but that optimum did not transfer
+    across width, and the floor never sets an LR above one that was tuned.
     The Muon weight decay keeps sqrt(B / 2^19) (muon_weight_decay): every run above used it."""
     return math.sqrt(max(batch_tokens, REF_BATCH_TOKENS) / REF_BATCH_TOKENS)
 
