@@ -98,7 +98,7 @@ def default_warmup_steps(batch_tokens):
     The warmup grid at the default LRs (dev/lr_grid.py --warmups 0,40,10%: d4 at B = 2^11, 2^13, 2^15 over 3
     seeds, 2^19 tokens a run, so 256 / 64 / 16 steps; paired by seed against none): 40 steps cost +0.026,
     +0.022 and +0.206 val bpb, 10% of the run (26 / 6 / 2 steps) +0.028, +0.051 and -0.003; d6 at 2^15 (3 seeds)
-    +0.160 and +0.123, at 2^11 (3 seeds) +0.003 and +0.004, at 2^13 (2 seeds) +0.023 and +0.009. The one gain,
+    +0.160 and +0.123, at 2^11 (3 seeds) +0.003 and +0.004, at 2^13 (3 seeds) +0.027 and +0.019. The one gain,
     2 steps at d4 2^15, did not hold at d6 (dev/LOG.md 2026-12-03, fifth session, and 2026-12-06). Before the LR
     floor: the whole of a 0.6-nat gap at step 50 of a d4 x 200-step run (dev/LOG.md 2026-11-30)."""
     return RECORD_WARMUP_STEPS if batch_tokens >= REF_BATCH_TOKENS else 0
