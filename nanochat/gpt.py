@@ -331,9 +331,10 @@ class GPT(nn.Module):
         for block in self.blocks:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
-            # C_FC_INIT_SCALE (R2: 0.4x, R1 0.5x). Kept although the full bound is 0.02 bpb better in 120-step B=2048 CPU
-            # runs: there Muon's steps on c_fc sum to 0.2, below the init's spectral norm (1.2), so the
-            # init never fades; with 4x LR the gap is within noise. The d24 record's steps sum to ~220 (dev/LOG.md)
+            # C_FC_INIT_SCALE (R2: 0.4x, R1 0.5x). Kept: the plain bound was 0.02 bpb better in narrow 120-step
+            # CPU runs, where Muon's steps on c_fc sum to 0.2, below the init's spectral norm (1.2), so the init
+            # never fades; at the default width and LRs it is -0.004 +- 0.009 (d4) and -0.021 +- 0.011 (d6), not
+            # beyond noise. The d24 record's steps sum to ~220 (dev/LOG.md 2026-11-30 and 2026-12-06)
             nn.init.uniform_(block.mlp.c_fc.weight, -c_fc_init_scale * bound, c_fc_init_scale * bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
